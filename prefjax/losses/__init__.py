@@ -6,6 +6,7 @@ reduces. See each function's docstring for its formula, shapes and reference.
 
 # --- logprobs.py and preference.py ---
 from prefjax.losses.logprobs import entropy, masked_mean, masked_sum, masked_var, masked_whiten
-from prefjax.losses.logprobs import sequence_logprobs, shift_labels, token_logprobs
+from prefjax.losses.logprobs import chunked_token_logprobs, sequence_logprobs, shift_labels
+from prefjax.losses.logprobs import token_logprobs
 
 # --- advantages.py, kl.py and policy_gradient.py ---
