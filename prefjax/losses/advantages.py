@@ -1,0 +1,352 @@
+r"""Advantages and returns: GAE, discounted returns, group-relative (GRPO) and leave-one-out (RLOO).
+
+Conventions shared by every function here:
+
+* Token arrays are batch-major, ``[batch, seq]``: ``rewards[b, t]`` is the reward received after
+  emitting token ``t`` of sequence ``b`` and ``values[b, t]`` the critic's estimate
+  :math:`V(s_t)` of the state in which token ``t`` is emitted. Scans run time-major inside
+  (transpose, ``jax.lax.scan(..., reverse=True)``, transpose back), vectorised over the batch.
+* ``mask`` marks the tokens that are actions (1/True: response tokens) and the ones that are not
+  (0/False: prompt, padding, tool output). A masked position is **skipped**: it earns no reward,
+  takes no discount step, and the running advantage/return and the "next value" are carried
+  through it unchanged to the previous real token; its own output is 0. Hence padding after the
+  end contributes nothing and right/left padding never changes a result.
+* The value after the last real token of a row is 0 (the response ended: a terminal state) unless
+  ``bootstrap_value`` gives one (a truncated rollout). ``dones[b, t] = 1`` marks a real token after
+  which the episode ended (packed episodes): the bootstrap from the next value and the recursion are
+  cut there.
+* Everything is computed in float32 (bfloat16 inputs are upcast on entry). Nothing is jitted here:
+  the caller jits once. Advantages are normally treated as constants by the policy loss; the
+  policy-gradient losses in :mod:`prefjax.losses.policy_gradient` apply ``stop_gradient`` to them.
+* Whitening (normalising advantages to zero mean, unit variance over the real tokens of a batch)
+  is a separate step: :func:`prefjax.losses.masked_whiten`.
+
+Example, a two-token response followed by one padding token:
+
+  >>> rewards = jnp.array([[0.0, 1.0, 0.0]])
+  >>> values = jnp.array([[0.5, 0.5, 7.0]])         # 7.0 sits on padding: ignored
+  >>> mask = jnp.array([[1, 1, 0]])
+  >>> adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+  >>> print(adv, ret)
+  [[0.5 0.5 0. ]] [[1. 1. 0.]]
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = [
+    "GAEOutput",
+    "gae",
+    "discounted_returns",
+    "group_advantages",
+    "rloo_advantages",
+]
+
+
+class GAEOutput(NamedTuple):
+    """Result of :func:`gae`; unpacks as ``advantages, returns = gae(...)``.
+
+    Attributes:
+      advantages: ``[batch, seq]`` float32, :math:`\\hat A_t`; 0 at masked positions.
+      returns: ``[batch, seq]`` float32, the value targets :math:`\\hat A_t + V(s_t)` (the
+        :math:`\\lambda`-return); 0 at masked positions.
+    """
+
+    advantages: jax.Array
+    returns: jax.Array
+
+
+class _ReverseCarry(NamedTuple):
+    """Scan carry: the accumulated quantity at the next real token (0 past the end)."""
+
+    next_acc: jax.Array  # [batch]
+
+
+def _check_unit_interval(name: str, value) -> None:
+    """Rejects a Python-number hyperparameter outside [0, 1] (traced values pass unchecked)."""
+    if isinstance(value, numbers.Real) and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+
+
+def _as_bool_mask(mask: ArrayLike, name: str = "mask") -> jax.Array:
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _optional_row(x: ArrayLike | None, batch: int, name: str) -> jax.Array:
+    """A per-row float32 ``[batch]`` argument, zeros when not given."""
+    if x is None:
+        return jnp.zeros((batch,), jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape != (batch,):
+        raise ValueError(f"{name} must have shape [batch] = ({batch},), got {x.shape}")
+    return x
+
+
+def _optional_dones(dones: ArrayLike | None, mask: jax.Array) -> jax.Array:
+    """``dones`` as a bool ``[batch, seq]`` read at real tokens only (False where masked)."""
+    if dones is None:
+        return jnp.zeros(mask.shape, jnp.bool_)
+    dones = jnp.asarray(dones)
+    if dones.shape != mask.shape:
+        raise ValueError(f"dones must have the shape of mask {mask.shape}, got {dones.shape}")
+    return jnp.logical_and(_as_bool_mask(dones, "dones"), mask)
+
+
+def _next_real_values(values: jax.Array, mask: jax.Array, bootstrap: jax.Array) -> jax.Array:
+    """For every position t, the value at the first real token after t (or the bootstrap).
+
+    Vectorised "carry the next value through masked positions": the index of the next real
+    token is a reverse running minimum over positions, and index ``seq`` points at the bootstrap.
+    """
+    batch, seq = values.shape
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    real_pos = jnp.where(mask, positions, seq)  # [batch, seq]; seq = "no real token here"
+    # Shift left by one so position t looks strictly after itself; slot seq is the bootstrap.
+    after = jnp.concatenate([real_pos[:, 1:], jnp.full((batch, 1), seq)], axis=1)
+    next_idx = jax.lax.cummin(after, axis=1, reverse=True)  # [batch, seq]
+    values_ext = jnp.concatenate([values, bootstrap[:, None]], axis=1)  # [batch, seq + 1]
+    return jnp.take_along_axis(values_ext, next_idx, axis=1)
+
+
+def _reverse_discounted_sum(deltas: jax.Array, discounts: jax.Array, mask: jax.Array) -> jax.Array:
+    r"""Masked reverse recursion :math:`y_t = \delta_t + c_t\,y_{t+1}` over real tokens.
+
+    Masked positions output 0 and pass :math:`y_{t+1}` through unchanged.
+    """
+
+    def step(carry: _ReverseCarry, x):
+        delta, discount, real = x  # each [batch]
+        acc = delta + discount * carry.next_acc
+        acc = jnp.where(real, acc, carry.next_acc)
+        return _ReverseCarry(acc), jnp.where(real, acc, 0.0)
+
+    init = _ReverseCarry(jnp.zeros(deltas.shape[:1], jnp.float32))
+    # [batch, seq] -> [seq, batch]: scan over time, vectorised over the batch.
+    xs = (deltas.T, discounts.T, mask.T)
+    _, ys = jax.lax.scan(step, init, xs, reverse=True)
+    return ys.T  # [seq, batch] -> [batch, seq]
+
+
+def gae(
+    rewards: ArrayLike,
+    values: ArrayLike,
+    mask: ArrayLike,
+    *,
+    gamma: float,
+    lam: float,
+    bootstrap_value: ArrayLike | None = None,
+    dones: ArrayLike | None = None,
+) -> GAEOutput:
+    r"""Generalized Advantage Estimation over token sequences (Schulman et al., 2016).
+
+    .. math::
+        \delta_t = r_t + \gamma\,(1 - d_t)\,V(s_{t+1}) - V(s_t), \qquad
+        \hat A_t = \delta_t + \gamma\lambda\,(1 - d_t)\,\hat A_{t+1}, \qquad
+        R_t = \hat A_t + V(s_t)
+
+    i.e. :math:`\hat A_t = \sum_{l \ge 0} (\gamma\lambda)^l \delta_{t+l}` (Eq. 16 of the GAE paper;
+    the finite-horizon form is Eq. 11-12 of the PPO paper). :math:`t` runs over the **real**
+    tokens of a row only (``mask`` = 1): masked positions are skipped, so :math:`s_{t+1}` is the
+    state of the next real token, :math:`V` after the last real token is 0 (or
+    ``bootstrap_value``), and padding contributes nothing. ``dones`` (:math:`d_t`) cut the
+    recursion at episode ends inside a row. :math:`\lambda = 0` gives the one-step TD error
+    :math:`\delta_t`; :math:`\lambda = 1` the discounted return minus the value.
+
+    The TD errors are computed vectorised; one reverse ``jax.lax.scan`` over time (vectorised over
+    the batch) accumulates them.
+
+    Args:
+      rewards: ``[batch, seq]`` per-token rewards (e.g. from :func:`kl_shaped_rewards`).
+      values: ``[batch, seq]`` critic values :math:`V(s_t)`.
+      mask: ``[batch, seq]`` bool/int/float, 1 on tokens that are actions (response tokens).
+      gamma: discount :math:`\gamma \in [0, 1]` (1.0 is usual for language models).
+      lam: GAE :math:`\lambda \in [0, 1]` (0.95 in most RLHF recipes).
+      bootstrap_value: optional ``[batch]`` value of the state after the last real token, for
+        truncated rollouts; default 0 (the response ended).
+      dones: optional ``[batch, seq]``, 1 at a real token after which the episode terminated
+        (read only where ``mask`` is set).
+
+    Returns:
+      :class:`GAEOutput` ``(advantages, returns)``, each ``[batch, seq]`` float32, 0 where masked.
+
+    Example:
+      >>> r = jnp.array([[0.0, 0.0, 1.0]])
+      >>> v = jnp.array([[0.2, 0.4, 0.6]])
+      >>> m = jnp.ones((1, 3))
+      >>> adv, ret = gae(r, v, m, gamma=1.0, lam=0.0)   # lambda = 0: one-step TD errors
+      >>> print(adv)
+      [[0.2 0.2 0.4]]
+      >>> print(ret)                                    # TD(0) targets r_t + V(s_{t+1})
+      [[0.4 0.6 1. ]]
+
+    References:
+      Schulman, Moritz, Levine, Jordan, Abbeel, "High-Dimensional Continuous Control Using
+      Generalized Advantage Estimation", ICLR 2016, Eqs. (11)-(16). Masked-token handling as in
+      verl's ``compute_gae_advantage_return`` (observation tokens skipped).
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    values = jnp.asarray(values, jnp.float32)
+    mask = _as_bool_mask(mask)
+    chex.assert_rank(rewards, 2)
+    chex.assert_equal_shape([rewards, values, mask])
+    _check_unit_interval("gamma", gamma)
+    _check_unit_interval("lam", lam)
+    batch = rewards.shape[0]
+    bootstrap = _optional_row(bootstrap_value, batch, "bootstrap_value")
+    not_done = 1.0 - _optional_dones(dones, mask).astype(jnp.float32)
+
+    next_values = _next_real_values(values, mask, bootstrap)  # [batch, seq]
+    # TD errors, vectorised; masked positions hold 0 (never read by the scan).
+    deltas = jnp.where(mask, rewards + gamma * not_done * next_values - values, 0.0)
+    advantages = _reverse_discounted_sum(deltas, gamma * lam * not_done, mask)
+    returns = jnp.where(mask, advantages + values, 0.0)
+    return GAEOutput(advantages, returns)
+
+
+def discounted_returns(
+    rewards: ArrayLike,
+    mask: ArrayLike,
+    *,
+    gamma: float,
+    bootstrap_value: ArrayLike | None = None,
+    dones: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Discounted return-to-go over the real tokens of each row (Monte Carlo returns).
+
+    .. math:: G_t = r_t + \gamma\,(1 - d_t)\,G_{t+1}, \qquad G_{\text{after last}} = V_{\text{boot}}
+
+    i.e. :math:`G_t = \sum_{l \ge 0} \gamma^l r_{t+l}` (Sutton & Barto, 2018, Eq. 3.8), with the
+    same masking rules as :func:`gae` (masked positions skipped and 0 in the output; ``dones``
+    cut the sum). Equal to ``gae(rewards, 0, mask, gamma=gamma, lam=1).returns``. Used as the
+    REINFORCE return and as a Monte Carlo value target.
+
+    Args:
+      rewards: ``[batch, seq]`` per-token rewards.
+      mask: ``[batch, seq]``, 1 on real (action) tokens.
+      gamma: discount in ``[0, 1]``.
+      bootstrap_value: optional ``[batch]`` value after the last real token (default 0).
+      dones: optional ``[batch, seq]`` episode ends (see :func:`gae`).
+
+    Returns:
+      ``[batch, seq]`` float32 returns, 0 where masked.
+
+    Example:
+      >>> r = jnp.array([[1.0, 0.0, 2.0, 5.0]])
+      >>> m = jnp.array([[1, 1, 1, 0]])                 # the 5.0 is on padding
+      >>> print(discounted_returns(r, m, gamma=0.5))   # 1 + 0.5 * (0 + 0.5 * 2)
+      [[1.5 1.  2.  0. ]]
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    mask = _as_bool_mask(mask)
+    chex.assert_rank(rewards, 2)
+    chex.assert_equal_shape([rewards, mask])
+    _check_unit_interval("gamma", gamma)
+    batch = rewards.shape[0]
+    bootstrap = _optional_row(bootstrap_value, batch, "bootstrap_value")
+    not_done = 1.0 - _optional_dones(dones, mask).astype(jnp.float32)
+    # The bootstrap enters as an extra reward gamma * V_boot on the last real token of each row
+    # (unless that token is a done), which the recursion then discounts back.
+    zeros = jnp.zeros_like(rewards)
+    next_boot = _next_real_values(zeros, mask, bootstrap)  # bootstrap after the last real token
+    deltas = jnp.where(mask, rewards + gamma * not_done * next_boot, 0.0)
+    return _reverse_discounted_sum(deltas, gamma * not_done, mask)
+
+
+def _grouped(rewards: ArrayLike, group_size: int, *, min_size: int) -> jax.Array:
+    """``[batch]`` -> ``[batch // group_size, group_size]`` with checks naming the argument."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    chex.assert_rank(rewards, 1)
+    if not isinstance(group_size, numbers.Integral) or group_size < min_size:
+        raise ValueError(f"group_size must be an integer >= {min_size}, got {group_size!r}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(
+            f"rewards has {rewards.shape[0]} entries, not a multiple of group_size={group_size}; "
+            "lay the batch out as [num_prompts * group_size], the responses of a prompt contiguous"
+        )
+    return rewards.reshape(-1, group_size)  # [batch] -> [num_prompts, group_size]
+
+
+def group_advantages(
+    rewards: ArrayLike,
+    *,
+    group_size: int,
+    normalize_std: bool = True,
+    eps: float = 1e-4,
+) -> jax.Array:
+    r"""Group-relative advantages of GRPO (Shao et al., 2024, Sec. 4.1.2).
+
+    .. math:: \hat A_i = \frac{r_i - \mathrm{mean}(r_{g(i)})}{\mathrm{std}(r_{g(i)}) + \epsilon}
+
+    where :math:`g(i)` is the group of ``group_size`` responses sampled for the same prompt as
+    response :math:`i`. The std is the unbiased sample std (``ddof=1``), as in TRL's
+    ``GRPOTrainer`` and verl, and ``eps`` = 1e-4 is TRL's; a group whose rewards are all equal
+    gets advantages 0. ``normalize_std=False`` keeps only the mean baseline (Dr. GRPO, Liu et al.,
+    2025, who show the std division biases toward too-easy/too-hard prompts). The sequence
+    advantage applies to every token of the response (outcome supervision); broadcast it with
+    ``adv[:, None]`` or pass it ``[batch]`` to :func:`grpo_loss`.
+
+    Args:
+      rewards: ``[batch]`` scalar rewards, ``batch = num_prompts * group_size``, laid out
+        prompt-major (the ``group_size`` responses of one prompt contiguous).
+      group_size: responses per prompt :math:`G \ge 2`.
+      normalize_std: divide by the group std (GRPO) or not (Dr. GRPO).
+      eps: added to the std.
+
+    Returns:
+      ``[batch]`` float32 advantages, zero-mean within each group.
+
+    Example:
+      >>> r = jnp.array([1.0, 0.0, 1.0, 0.0, 3.0, 3.0])
+      >>> print(group_advantages(r, group_size=2, normalize_std=False))
+      [ 0.5 -0.5  0.5 -0.5  0.   0. ]
+
+    References:
+      Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language
+      Models", 2024, Sec. 4.1.2 (outcome supervision). Liu et al., "Understanding R1-Zero-Like
+      Training: A Critical Perspective" (Dr. GRPO), 2025, Sec. 3.1.
+    """
+    groups = _grouped(rewards, group_size, min_size=2)  # [num_prompts, group_size]
+    centred = groups - jnp.mean(groups, axis=1, keepdims=True)
+    if normalize_std:
+        std = jnp.std(groups, axis=1, keepdims=True, ddof=1)
+        centred = centred / (std + eps)
+    return centred.reshape(-1)  # [num_prompts, group_size] -> [batch]
+
+
+def rloo_advantages(rewards: ArrayLike, *, group_size: int) -> jax.Array:
+    r"""REINFORCE leave-one-out advantages (Kool et al., 2019; Ahmadian et al., 2024, Eq. 6).
+
+    .. math:: \hat A_i = r_i - \frac{1}{k - 1} \sum_{j \ne i} r_j
+        = \frac{k}{k - 1}\,\big(r_i - \mathrm{mean}(r_{g(i)})\big)
+
+    Each of the :math:`k` = ``group_size`` responses to a prompt is baselined by the mean reward of
+    the other :math:`k - 1`, an unbiased baseline since it does not depend on response :math:`i`.
+
+    Args:
+      rewards: ``[batch]`` rewards, ``batch = num_prompts * group_size``, prompt-major.
+      group_size: samples per prompt :math:`k \ge 2`.
+
+    Returns:
+      ``[batch]`` float32 advantages.
+
+    Example:
+      >>> r = jnp.array([1.0, 2.0, 6.0])               # one prompt, k = 3
+      >>> print(rloo_advantages(r, group_size=3))      # 1 - 4, 2 - 3.5, 6 - 1.5
+      [-3.  -1.5  4.5]
+
+    References:
+      Kool, van Hoof, Welling, "Buy 4 REINFORCE Samples, Get a Baseline for Free!", 2019.
+      Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+      Human Feedback in LLMs", ACL 2024, Eq. (6).
+    """
+    groups = _grouped(rewards, group_size, min_size=2)  # [num_prompts, group_size]
+    others = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)  # [num_prompts, group_size] -> [batch]
