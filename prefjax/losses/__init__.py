@@ -10,3 +10,13 @@ from prefjax.losses.logprobs import chunked_token_logprobs, sequence_logprobs, s
 from prefjax.losses.logprobs import token_logprobs
 
 # --- advantages.py, kl.py and policy_gradient.py ---
+from prefjax.losses.advantages import GAEOutput, discounted_returns, gae
+from prefjax.losses.advantages import group_advantages, rloo_advantages
+from prefjax.losses.kl import KL_ESTIMATORS, k1, k2, k3, kl_estimate
+from prefjax.losses.kl import ShapedRewards, kl_shaped_rewards
+from prefjax.losses.kl import AdaptiveKLState, adaptive_kl_init, adaptive_kl_update
+from prefjax.losses.policy_gradient import PPOPolicyLossOutput, ppo_policy_loss
+from prefjax.losses.policy_gradient import ValueLossOutput, value_loss, entropy_bonus
+from prefjax.losses.policy_gradient import GRPOLossOutput, grpo_loss, reinforce_loss
+from prefjax.losses.policy_gradient import LOSS_REDUCTIONS, constant_mean, sequence_mean
+from prefjax.losses.policy_gradient import token_mean
