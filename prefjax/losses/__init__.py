@@ -8,6 +8,14 @@ reduces. See each function's docstring for its formula, shapes and reference.
 from prefjax.losses.logprobs import entropy, masked_mean, masked_sum, masked_var, masked_whiten
 from prefjax.losses.logprobs import chunked_token_logprobs, sequence_logprobs, shift_labels
 from prefjax.losses.logprobs import token_logprobs
+from prefjax.losses.preference import KTOLossOutput, ListwiseLossOutput, PreferenceLossOutput
+from prefjax.losses.preference import apo_down_loss, apo_zero_loss, bco_pair_loss, hinge_loss
+from prefjax.losses.preference import bradley_terry_loss, plackett_luce_loss, sft_loss
+from prefjax.losses.preference import cpo_loss, orpo_log_odds_ratio, orpo_loss, simpo_loss
+from prefjax.losses.preference import dpo_loss, ipo_loss, robust_dpo_loss
+from prefjax.losses.preference import exo_pair_loss, nca_pair_loss, sppo_hard_loss
+from prefjax.losses.preference import kto_loss, kto_reference_point, listwise_dpo_loss
+from prefjax.losses.preference import PAIRWISE_LOSSES
 
 # --- advantages.py, kl.py and policy_gradient.py ---
 from prefjax.losses.advantages import GAEOutput, discounted_returns, gae
