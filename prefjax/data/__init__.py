@@ -1,0 +1,22 @@
+"""Preference, feedback, prompt and SFT data: schemas, readers, validation, batching, tasks.
+
+Batches are dicts of NumPy arrays with fixed shapes (``[batch, seq]`` int32 ids and 0/1 masks;
+``loss_mask`` marks response tokens including EOS). See ``docs/data.md``.
+"""
+
+from prefjax.data.batching import BatchIterator as BatchIterator
+from prefjax.data.batching import bucket_length as bucket_length
+from prefjax.data.batching import collate as collate
+from prefjax.data.batching import default_buckets as default_buckets
+from prefjax.data.batching import positions_from_mask as positions_from_mask
+from prefjax.data.dataset import TokenizedDataset as TokenizedDataset
+from prefjax.data.dataset import concatenate as concatenate
+from prefjax.data.errors import DataError as DataError
+from prefjax.data.errors import DropReport as DropReport
+from prefjax.data.errors import Row as Row
+from prefjax.data.tasks import Bandit as Bandit
+from prefjax.data.tasks import RepeatTask as RepeatTask
+from prefjax.data.tasks import make_task as make_task
+from prefjax.data.tasks import preference_probability as preference_probability
+from prefjax.data.tokenize import TruncationPolicy as TruncationPolicy
+from prefjax.data.tokenize import tokenize as tokenize
