@@ -1,0 +1,19 @@
+"""Flax decoder-only transformers: presets, KV cache, reward/value heads, LoRA, HF checkpoints."""
+
+from prefjax.models.config import PRESETS as PRESETS
+from prefjax.models.config import RopeScaling as RopeScaling
+from prefjax.models.config import TransformerConfig as TransformerConfig
+from prefjax.models.config import preset as preset
+from prefjax.models.model import LoRA as LoRA
+from prefjax.models.model import Model as Model
+from prefjax.models.model import from_preset as from_preset
+from prefjax.models.model import merge_lora as merge_lora
+from prefjax.models.model import param_count as param_count
+from prefjax.models.tokenizer import ByteTokenizer as ByteTokenizer
+from prefjax.models.tokenizer import HFTokenizer as HFTokenizer
+from prefjax.models.tokenizer import load_tokenizer as load_tokenizer
+from prefjax.models.transformer import LORA_TARGETS as LORA_TARGETS
+from prefjax.models.transformer import KVCache as KVCache
+from prefjax.models.transformer import Transformer as Transformer
+from prefjax.models.transformer import default_positions as default_positions
+from prefjax.models.transformer import last_token_index as last_token_index
