@@ -1,0 +1,736 @@
+"""Direct preference optimisation and its family: one jitted, sharded train step per variant.
+
+What the step does, in order (``config.algorithm.loss`` picks the objective):
+
+1. forward the policy once on chosen and rejected concatenated on the batch axis
+   (``[2 * batch, seq]``) and sum the response log-probs (logits at ``t`` predict ``t + 1``);
+2. take the reference log-probs: a frozen copy (``reference="copy"``), the LoRA base with adapters
+   off (``"lora_base"``), or columns ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed once
+   by :func:`precompute_reference_logps` (``"precomputed"``; no reference in memory);
+3. call the loss from ``prefjax.losses`` -- any of ``PAIRWISE_LOSSES`` (sigmoid, robust, ipo,
+   hinge, bco_pair, ...), ``listwise`` (Plackett-Luce over K responses), ``kto`` (unpaired
+   feedback, KL reference point estimated on mismatched prompt/response pairs of the batch), or
+   the reference-free ``orpo`` and ``simpo``;
+4. differentiate, accumulate over micro-batches, clip, update (``prefjax.train.common``).
+
+Metrics (means over the batch): ``loss``; ``rewards/chosen``, ``rewards/rejected`` (implicit
+rewards ``beta * (log pi - log pi_ref)``), ``rewards/margin``, ``rewards/accuracy`` (fraction of
+pairs with chosen reward above rejected); ``logps/chosen``, ``logps/rejected`` (summed response
+log-probs under the policy -- watch both fall together, the usual DPO failure);
+``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
+responses); ``length/chosen``, ``length/rejected`` (response tokens); plus the norms and
+``train/skipped`` added by :func:`prefjax.train.common.make_update`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax import losses
+from prefjax import sharding as shd
+from prefjax.train import common, optim
+from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
+
+SPECIAL_LOSSES = ("listwise", "kto", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")
+REFERENCES = ("copy", "lora_base", "precomputed", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_names() -> tuple[str, ...]:
+    """Every value ``config.algorithm.loss`` accepts for DPO."""
+    return (*losses.PAIRWISE_LOSSES, *SPECIAL_LOSSES)
+
+
+def validate_config(config: Any) -> None:
+    """Start-up checks of the DPO fields, each error naming the field."""
+    loss = get(config, "algorithm.loss", "sigmoid")
+    if loss not in loss_names():
+        raise ValueError(f"config.algorithm.loss={loss!r}: expected one of {loss_names()}.")
+    reference = get(config, "algorithm.reference", "copy")
+    if reference not in REFERENCES:
+        raise ValueError(f"config.algorithm.reference={reference!r}: expected one of {REFERENCES}.")
+    beta = float(get(config, "algorithm.beta", 0.1))
+    if beta <= 0:
+        raise ValueError(f"config.algorithm.beta={beta} must be > 0.")
+    lora = common.lora_rank(config) > 0
+    if loss in REFERENCE_FREE and reference != "none":
+        raise ValueError(
+            f"config.algorithm.reference={reference!r}: loss {loss!r} is reference-free; "
+            "set config.algorithm.reference='none'."
+        )
+    if loss not in REFERENCE_FREE and reference == "none":
+        raise ValueError(
+            f"config.algorithm.reference='none': loss {loss!r} needs a reference "
+            "('copy', 'lora_base' or 'precomputed')."
+        )
+    if reference == "lora_base" and not lora:
+        raise ValueError(
+            "config.algorithm.reference='lora_base' needs LoRA adapters: "
+            "set config.model.lora.rank > 0."
+        )
+    if reference == "copy" and lora:
+        raise ValueError(
+            "config.algorithm.reference='copy' with LoRA (config.model.lora.rank > 0) would keep "
+            "a second copy of the base; use 'lora_base' (the base, adapters off) or 'precomputed'."
+        )
+    if reference == "precomputed" and loss == "kto":
+        raise ValueError(
+            "config.algorithm.reference='precomputed' is not supported with loss='kto': the KL "
+            "reference point pairs prompts with other examples' responses in each batch, so it "
+            "cannot be computed ahead of time. Use 'copy' or 'lora_base'."
+        )
+    smoothing = float(get(config, "algorithm.label_smoothing", 0.0))
+    if loss in losses.PAIRWISE_LOSSES or loss == "simpo":
+        # Each loss checks its own hyperparameters; run it once on zeros so a bad value fails
+        # here, naming the config field, instead of inside the jitted step.
+        fn = losses.simpo_loss if loss == "simpo" else losses.PAIRWISE_LOSSES[loss]
+        zeros = jnp.zeros((1,))
+        args = (zeros, zeros) if loss == "simpo" else (zeros,) * 4
+        try:
+            fn(*args, **_pairwise_kwargs(config, fn))
+        except ValueError as err:
+            raise ValueError(
+                f"config.algorithm (loss={loss!r}, beta={beta}, label_smoothing={smoothing}): {err}"
+            ) from err
+
+
+def _average_logps(config: Any) -> bool:
+    """Length-normalised log-probs: IPO as TRL runs it (override: ``algorithm.average_logps``)."""
+    loss = get(config, "algorithm.loss", "sigmoid")
+    default = loss == "ipo"
+    value = get(config, "algorithm.average_logps", None)
+    return default if value is None or value == "" else bool(value)
+
+
+def _pairwise_kwargs(config: Any, fn: Callable[..., Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"beta": float(get(config, "algorithm.beta", 0.1))}
+    if "label_smoothing" in params:
+        kwargs["label_smoothing"] = float(get(config, "algorithm.label_smoothing", 0.0))
+    if "gamma" in params:
+        kwargs["gamma"] = float(get(config, "algorithm.gamma", 0.5))
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy and reference log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``policy(params, frozen, ids, attn, lmask)`` and ``reference(frozen, ids, attn, lmask)``."""
+    chunk = common.logps_chunk_size(config)
+    lora = common.lora_rank(config) > 0
+    reference = get(config, "algorithm.reference", "copy")
+
+    def policy(params, frozen, ids, attn, lmask):
+        if lora:
+            return common.response_logps(
+                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk
+            )
+        return common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk)
+
+    def ref(frozen, ids, attn, lmask):
+        # "copy": frozen is the reference; "lora_base": frozen is the base, adapters off.
+        if reference not in ("copy", "lora_base"):
+            raise ValueError(f"reference {reference!r} has no live forward pass")
+        logps, _ = common.response_logps(
+            model, jax.lax.stop_gradient(frozen), ids, attn, lmask, chunk_size=chunk
+        )
+        return jax.lax.stop_gradient(logps)
+
+    return policy, ref
+
+
+def _example_weights(batch: Batch, size: int) -> jax.Array:
+    """``example_mask`` (1 real row, 0 padding row) or ones."""
+    if "example_mask" in batch:
+        return batch["example_mask"].astype(jnp.float32)
+    return jnp.ones((size,), jnp.float32)
+
+
+def _concat_pair(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # 2 x [batch, seq] -> [2 * batch, seq]: one forward pass for chosen and rejected.
+    cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], 0)
+    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss functions on one micro-batch: (params, batch, frozen, key, denominators) -> (loss, sums)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair_sums(
+    chosen_rewards: jax.Array,
+    rejected_rewards: jax.Array,
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    chosen_len: jax.Array,
+    rejected_len: jax.Array,
+    w: jax.Array,
+) -> dict[str, jax.Array]:
+    f32 = lambda x: x.astype(jnp.float32)
+    chosen_rewards, rejected_rewards = f32(chosen_rewards), f32(rejected_rewards)
+    margin = chosen_rewards - rejected_rewards
+    s = lambda x: jnp.sum(f32(x) * w)
+    return {
+        "rewards/chosen": s(chosen_rewards),
+        "rewards/rejected": s(rejected_rewards),
+        "rewards/margin": s(margin),
+        "rewards/accuracy": s(margin > 0),
+        "logps/chosen": s(policy_chosen),
+        "logps/rejected": s(policy_rejected),
+        "kl/logratio": s(0.5 * ((policy_chosen - ref_chosen) + (policy_rejected - ref_rejected))),
+        "length/chosen": s(chosen_len),
+        "length/rejected": s(rejected_len),
+        # Moments for the length-bias correlation (margin vs. chosen-minus-rejected length).
+        "length_bias/x": s(chosen_len - rejected_len),
+        "length_bias/y": s(margin),
+        "length_bias/xy": s((chosen_len - rejected_len) * margin),
+        "length_bias/xx": s((chosen_len - rejected_len) ** 2),
+        "length_bias/yy": s(margin**2),
+    }
+
+
+def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
+    name = get(config, "algorithm.loss", "sigmoid")
+    reference = get(config, "algorithm.reference", "copy")
+    beta = float(get(config, "algorithm.beta", 0.1))
+    average = _average_logps(config)
+    policy, ref = _forwards(model, config)
+    sft_weight = float(get(config, "algorithm.sft_weight", 1.0))
+    if name in losses.PAIRWISE_LOSSES:
+        loss_fn = losses.PAIRWISE_LOSSES[name]
+        kwargs = _pairwise_kwargs(config, loss_fn)
+    elif name == "simpo":
+        simpo_kwargs = _pairwise_kwargs(config, losses.simpo_loss)
+
+    def fn(params, batch, frozen, key, denominators):
+        del key
+        num = batch["chosen_input_ids"].shape[0]
+        w = _example_weights(batch, num)
+        ids, attn, lmask = _concat_pair(batch)
+        logps, counts = policy(params, frozen, ids, attn, lmask)  # [2 * batch]
+        # [2 * batch] -> 2 x [batch]
+        pc, pr, nc, nr = logps[:num], logps[num:], counts[:num], counts[num:]
+        if reference == "precomputed":
+            rc = batch["ref_chosen_logps"].astype(jnp.float32)
+            rr = batch["ref_rejected_logps"].astype(jnp.float32)
+        elif reference == "none":
+            rc = rr = jnp.zeros_like(pc)
+        else:
+            ref_logps = ref(frozen, ids, attn, lmask)
+            rc, rr = ref_logps[:num], ref_logps[num:]
+        if name == "orpo":
+            avg_c, avg_r = safe_div(pc, nc), safe_div(pr, nr)
+            out = losses.orpo_loss(avg_c, avg_r, beta=beta)
+            # ORPO = NLL of the chosen response (length-normalised) + the odds-ratio term.
+            per_example = sft_weight * (-avg_c) + out.loss
+        elif name == "simpo":
+            out = losses.simpo_loss(safe_div(pc, nc), safe_div(pr, nr), **simpo_kwargs)
+            per_example = out.loss
+        else:
+            if average:
+                pc_, pr_ = safe_div(pc, nc), safe_div(pr, nr)
+                rc_, rr_ = safe_div(rc, nc), safe_div(rr, nr)
+            else:
+                pc_, pr_, rc_, rr_ = pc, pr, rc, rr
+            out = loss_fn(pc_, pr_, rc_, rr_, **kwargs)
+            per_example = out.loss
+        loss = jnp.sum(per_example * w) / denominators["pairs"]
+        sums = _pair_sums(out.chosen_rewards, out.rejected_rewards, pc, pr, rc, rr, nc, nr, w)
+        if reference == "none":
+            del sums["kl/logratio"]  # no reference: nothing to compare with
+        return loss, sums
+
+    return fn
+
+
+def _listwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
+    reference = get(config, "algorithm.reference", "copy")
+    beta = float(get(config, "algorithm.beta", 0.1))
+    policy, ref = _forwards(model, config)
+
+    def fn(params, batch, frozen, key, denominators):
+        del key
+        num, k, seq = batch["input_ids"].shape
+        w = _example_weights(batch, num)
+        # [batch, k, seq] -> [batch * k, seq]
+        flat = lambda x: x.reshape(num * k, seq)
+        ids, attn, lmask = (flat(batch[n]) for n in ("input_ids", "attention_mask", "loss_mask"))
+        logps, counts = policy(params, frozen, ids, attn, lmask)
+        logps, counts = logps.reshape(num, k), counts.reshape(num, k)  # [batch * k] -> [batch, k]
+        if reference == "precomputed":
+            ref_logps = batch["ref_logps"].astype(jnp.float32)
+        else:
+            ref_logps = ref(frozen, ids, attn, lmask).reshape(num, k)
+        mask = batch["response_mask"].astype(jnp.float32)
+        out = losses.listwise_dpo_loss(logps, ref_logps, beta=beta, mask=mask)
+        loss = jnp.sum(out.loss * w) / denominators["pairs"]
+        rewards = beta * (logps - ref_logps)  # [batch, k]
+        # Best = first response; worst = last valid response of each row.
+        last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+        take = lambda x: jnp.take_along_axis(x, last[:, None], axis=1)[:, 0]
+        # Fraction of ordered pairs (i before j, both valid) with reward_i > reward_j.
+        upper = jnp.triu(jnp.ones((k, k)), 1)
+        pair_mask = mask[:, :, None] * mask[:, None, :] * upper
+        correct = (rewards[:, :, None] > rewards[:, None, :]) * pair_mask
+        accuracy = safe_div(jnp.sum(correct, (1, 2)), jnp.sum(pair_mask, (1, 2)))
+        sums = _pair_sums(
+            rewards[:, 0],
+            take(rewards),
+            logps[:, 0],
+            take(logps),
+            ref_logps[:, 0],
+            take(ref_logps),
+            counts[:, 0],
+            take(counts),
+            w,
+        )
+        sums["rewards/accuracy"] = jnp.sum(accuracy * w)
+        return loss, sums
+
+    return fn
+
+
+def mismatched_pairs(
+    input_ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array, *, shift: int = 1
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prompt of example ``i`` followed by the response of example ``(i + shift) % batch``.
+
+    KTO's reference point ``z_ref = KL(pi || pi_ref)`` is estimated on such mismatched pairs
+    (Ethayarajh et al., 2024, Sec. 4; TRL's ``KL`` completions). Works for any padding side: the
+    prompt tokens (attended, not in the loss mask) and response tokens (loss mask) are compacted
+    with a stable argsort; the result is right-padded with the row's pad id (token 0 of padding
+    is never attended) and truncated to ``seq`` tokens.
+
+    Args:
+      input_ids, attention_mask, loss_mask: ``[batch, seq]``.
+      shift: which other example's response to take.
+
+    Returns:
+      ``(input_ids, attention_mask, loss_mask)`` of the mismatched sequences, ``[batch, seq]``.
+    """
+    num, seq = input_ids.shape
+    prompt_mask = (attention_mask > 0) & (loss_mask == 0)
+    response_mask = loss_mask > 0
+    # Stable argsort of "not in mask" lists the mask's positions first, in order.
+    prompt_order = jnp.argsort(~prompt_mask, axis=1, stable=True)  # [batch, seq]
+    response_order = jnp.argsort(~response_mask, axis=1, stable=True)
+    prompt_len = jnp.sum(prompt_mask, axis=1)  # [batch]
+    other = (jnp.arange(num) + shift) % num
+    response_len = jnp.sum(response_mask, axis=1)[other]
+    t = jnp.arange(seq)[None, :]  # [1, seq]
+    in_prompt = t < prompt_len[:, None]
+    in_response = (~in_prompt) & (t - prompt_len[:, None] < response_len[:, None])
+    prompt_tokens = jnp.take_along_axis(input_ids, prompt_order, axis=1)
+    response_src = jnp.take_along_axis(
+        response_order[other], jnp.clip(t - prompt_len[:, None], 0, seq - 1), axis=1
+    )
+    response_tokens = jnp.take_along_axis(input_ids[other], response_src, axis=1)
+    ids = jnp.where(in_prompt, prompt_tokens, jnp.where(in_response, response_tokens, 0))
+    attn = (in_prompt | in_response).astype(attention_mask.dtype)
+    lmask = in_response.astype(loss_mask.dtype)
+    return ids.astype(input_ids.dtype), attn, lmask
+
+
+def _kto_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
+    beta = float(get(config, "algorithm.beta", 0.1))
+    desirable_weight = float(get(config, "algorithm.desirable_weight", 1.0))
+    undesirable_weight = float(get(config, "algorithm.undesirable_weight", 1.0))
+    policy, ref = _forwards(model, config)
+
+    def fn(params, batch, frozen, key, denominators):
+        del key
+        num = batch["input_ids"].shape[0]
+        w = _example_weights(batch, num)
+        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        kl_ids, kl_attn, kl_lmask = mismatched_pairs(ids, attn, lmask)
+        # 2 x [batch, seq] -> [2 * batch, seq]: matched and mismatched in one forward pass.
+        all_ids = jnp.concatenate([ids, kl_ids], 0)
+        all_attn = jnp.concatenate([attn, kl_attn], 0)
+        all_lmask = jnp.concatenate([lmask, kl_lmask], 0)
+        logps, counts = policy(params, frozen, all_ids, all_attn, all_lmask)
+        ref_logps = ref(frozen, all_ids, all_attn, all_lmask)
+        pol, pol_kl = logps[:num], logps[num:]
+        rl, rl_kl = ref_logps[:num], ref_logps[num:]
+        # z_ref: batch mean of the mismatched log-ratio, clamped at 0, never differentiated.
+        kl = losses.kto_reference_point(pol_kl, rl_kl, mask=w)
+        desirable = batch["label"].astype(jnp.float32)
+        out = losses.kto_loss(
+            pol,
+            rl,
+            desirable,
+            kl,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+        )
+        loss = jnp.sum(out.loss * w) / denominators["pairs"]
+        rewards = beta * (pol - rl)
+        good, bad = desirable * w, (1.0 - desirable) * w
+        s = lambda x, m: jnp.sum(x.astype(jnp.float32) * m)
+        sums = {
+            "rewards/chosen": s(rewards, good),
+            "rewards/rejected": s(rewards, bad),
+            "rewards/accuracy": s(rewards > 0, good) + s(rewards < 0, bad),
+            "logps/chosen": s(pol, good),
+            "logps/rejected": s(pol, bad),
+            "kl/reference_point": kl * jnp.sum(w),
+            "kl/logratio": s(pol - rl, w),
+            "length/chosen": s(counts[:num], good),
+            "length/rejected": s(counts[:num], bad),
+        }
+        return loss, sums
+
+    return fn
+
+
+def _denominators(config: Any) -> Callable[[Batch], Mapping[str, jax.Array]]:
+    loss = get(config, "algorithm.loss", "sigmoid")
+
+    def fn(batch: Batch) -> Mapping[str, jax.Array]:
+        key = "input_ids" if loss in ("listwise", "kto") else "chosen_input_ids"
+        w = _example_weights(batch, batch[key].shape[0])
+        out = {"pairs": jnp.maximum(jnp.sum(w), 1.0)}
+        if loss == "kto":
+            desirable = batch["label"].astype(jnp.float32) * w
+            out["desirable"] = jnp.sum(desirable)
+            out["undesirable"] = jnp.sum(w) - out["desirable"]
+        return out
+
+    return fn
+
+
+_BY_DESIRABILITY = {
+    "rewards/chosen": "desirable",
+    "rewards/rejected": "undesirable",
+    "logps/chosen": "desirable",
+    "logps/rejected": "undesirable",
+    "length/chosen": "desirable",
+    "length/rejected": "undesirable",
+}
+
+
+def _finalize(config: Any) -> Callable[[Any, Mapping[str, jax.Array]], Metrics]:
+    loss = get(config, "algorithm.loss", "sigmoid")
+
+    def fn(sums: Mapping[str, jax.Array], denominators: Mapping[str, jax.Array]) -> Metrics:
+        out = {}
+        for name, value in sums.items():
+            if name.startswith("length_bias/"):
+                continue
+            den = denominators["pairs"]
+            if loss == "kto" and name in _BY_DESIRABILITY:
+                den = denominators[_BY_DESIRABILITY[name]]
+            out[name] = safe_div(value, den)
+        if loss == "kto":
+            out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+
+    return fn
+
+
+def loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
+    """``(params, batch, frozen, key, denominators) -> (loss, sums)`` for ``algorithm.loss``."""
+    validate_config(config)
+    loss = get(config, "algorithm.loss", "sigmoid")
+    if loss == "listwise":
+        return _listwise_loss_fn(model, config)
+    if loss == "kto":
+        return _kto_loss_fn(model, config)
+    return _pairwise_loss_fn(model, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------
+
+
+def make_train_step(
+    model: Any, config: Any, *, mesh: Any = None, schedule: Any = None
+) -> Callable[..., tuple[Any, Metrics]]:
+    """``train_step(state, batch, frozen, key) -> (state, metrics)``, pure and unjitted.
+
+    ``mesh`` (optional) keeps micro-batches split over ``("data", "fsdp")``; ``schedule`` adds a
+    ``learning_rate`` metric.
+    """
+    return common.make_update(
+        loss_fn(model, config),
+        _denominators(config),
+        _finalize(config),
+        num_micro=common.grad_accum_steps(config),
+        schedule=schedule,
+        constrain=common.micro_batch_constraint(mesh),
+    )
+
+
+def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metrics]:
+    """``eval_step(params, batch, frozen) -> {name: (sum, count)}`` on held-out pairs.
+
+    Sums and counts let :func:`prefjax.train.evaluation.finalize_metrics` average exactly over
+    batches and hosts (and compute ``length_bias/corr``, the correlation of the implicit-reward
+    margin with the chosen-minus-rejected length).
+    """
+    fn = loss_fn(model, config)
+    denominators_fn = _denominators(config)
+    loss = get(config, "algorithm.loss", "sigmoid")
+
+    def eval_step(params: Any, batch: Batch, frozen: Any) -> Metrics:
+        den = denominators_fn(batch)
+        ones = {k: jnp.ones_like(v) for k, v in den.items()}
+        loss_sum, sums = fn(params, batch, frozen, jax.random.key(0), ones)
+        out = {"loss": (loss_sum, den["pairs"])}
+        for name, value in sums.items():
+            count = den["pairs"]
+            if loss == "kto" and name in _BY_DESIRABILITY:
+                count = den[_BY_DESIRABILITY[name]]
+            out[name] = (value, count)
+        return out
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: sharded state, frozen pytree and jitted steps
+# ----------------------------------------------------------------------------------------------
+
+
+def _copy(tree: Any, sharding: Any) -> Any:
+    """A fresh sharded copy (never aliasing ``tree``, which donation would delete)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding)(tree)
+
+
+def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
+    """Sharded train state, frozen pytree and jitted steps for ``config`` on ``mesh``.
+
+    * no LoRA: trainable = ``model.params``; frozen = a copy of them (``reference="copy"``) or
+      ``None`` (``"precomputed"``, ``"none"``).
+    * LoRA: trainable = adapters from ``model.init_lora``; frozen = the base ``model.params``
+      (the reference under ``"lora_base"``, and what the adapters sit on in every case).
+    """
+    validate_config(config)
+    return build_setup(
+        config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=True
+    )
+
+
+def build_setup(
+    config: Any,
+    model: Any,
+    mesh: Any,
+    key: jax.Array,
+    make_train: Callable[..., Any],
+    make_eval: Callable[..., Any],
+    *,
+    needs_frozen_copy: bool,
+) -> Setup:
+    """Shared by ``dpo.setup``, ``sft.setup`` and ``reward.setup``."""
+    rules = shd.rules_from_config(get(config, "mesh", {}) or {})
+    num_steps = int(get(config, "train.num_steps", 1000))
+    tx, schedule = optim.make_optimizer(get(config, "optimizer"), num_steps)
+    reference = get(config, "algorithm.reference", "none")
+    batch_size = get(config, "data.batch_size", None)
+    if batch_size:
+        shd.check_batch_size(int(batch_size), mesh)
+        accum = common.grad_accum_steps(config)
+        if int(batch_size) % accum:
+            raise ValueError(
+                f"config.data.batch_size={batch_size} is not divisible by "
+                f"config.optimizer.grad_accum_steps={accum}."
+            )
+    if common.lora_rank(config) > 0:
+        trainable = model.init_lora(
+            key,
+            rank=common.lora_rank(config),
+            alpha=float(get(config, "model.lora.alpha", 16.0)),
+            targets=tuple(get(config, "model.lora.targets", ("q_proj", "v_proj"))),
+            dropout=float(get(config, "model.lora.dropout", 0.0)),
+        )
+        trainable_axes = model.lora_axes(trainable)
+        frozen, frozen_axes = model.params, model.param_axes
+    else:
+        trainable, trainable_axes = model.params, model.param_axes
+        keep = needs_frozen_copy and reference in ("copy",)
+        frozen, frozen_axes = (model.params, model.param_axes) if keep else (None, None)
+    params_sharding = shd.param_shardings(mesh, trainable_axes, trainable, rules)
+    trainable = _copy(trainable, params_sharding)
+    state, state_sharding = common.create_state(mesh, tx, trainable, params_sharding)
+    if frozen is not None:
+        frozen_sharding = shd.param_shardings(mesh, frozen_axes, frozen, rules)
+        frozen = _copy(frozen, frozen_sharding)
+    else:
+        frozen_sharding = None
+    train_step = make_train(model, config, mesh=mesh, schedule=schedule)
+    eval_step = make_eval(model, config)
+    jit_train, jit_eval, batch_sharding = common.jit_steps(
+        mesh, train_step, eval_step, state_sharding, frozen_sharding
+    )
+
+    if common.lora_rank(config) > 0:
+        policy_params = lambda params, frozen: model.merge_lora(frozen, params)
+    else:
+        policy_params = lambda params, frozen: params
+
+    return Setup(
+        state=state,
+        frozen=frozen,
+        train_step=jit_train,
+        eval_step=jit_eval,
+        mesh=mesh,
+        state_sharding=state_sharding,
+        frozen_sharding=frozen_sharding,
+        batch_sharding=batch_sharding,
+        schedule=schedule,
+        model=model,
+        policy_params=policy_params,
+        info={
+            "reference": reference,
+            "trainable_params": common.count_params(trainable),
+            "frozen_params": 0 if frozen is None else common.count_params(frozen),
+            "mesh": dict(mesh.shape),
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Precomputed reference log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def precompute_reference_logps(
+    model: Any,
+    ref_params: Any,
+    dataset_or_batches: Any,
+    *,
+    batch_size: int = 32,
+    mesh: Any = None,
+    chunk_size: int = 0,
+    seq_len: int | None = None,
+) -> dict[str, np.ndarray]:
+    """One reference pass over a dataset; the result becomes dataset columns.
+
+    After ``ds = ds.add_columns(**precompute_reference_logps(model, ref_params, ds))`` every
+    batch carries the reference log-probs and a DPO run with ``reference="precomputed"`` never
+    loads the reference again.
+
+    Args:
+      model: the reference model (LM head).
+      ref_params: its parameters.
+      dataset_or_batches: a ``prefjax.data.TokenizedDataset`` (pairwise or listwise; read in
+        order, each example exactly once) or an iterable of batches (each processed in order;
+        padding rows marked by ``example_mask`` are dropped).
+      batch_size: examples per forward pass when given a dataset.
+      mesh: optional mesh; batches are split over ``("data", "fsdp")`` (the size is rounded up
+        to a multiple of the data-parallel size with padding rows).
+      chunk_size: vocabulary-chunked log-probs (see ``config.model.logps_chunk_size``).
+      seq_len: pad every batch to this length (default: the dataset's bucket for each batch).
+
+    Returns:
+      Pairwise: ``{"ref_chosen_logps": [N], "ref_rejected_logps": [N]}``; listwise:
+      ``{"ref_logps": [N, K]}`` (float32, summed over response tokens).
+    """
+    if mesh is not None:
+        ways = shd.data_parallel_size(mesh)
+        batch_size = -(-batch_size // ways) * ways
+
+    @jax.jit
+    def logps_fn(params, ids, attn, lmask):
+        return common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk_size)[0]
+
+    def batches() -> Iterable[Mapping[str, Any]]:
+        if not hasattr(dataset_or_batches, "kind"):
+            yield from dataset_or_batches
+            return
+        from prefjax.data import batching
+
+        ds = dataset_or_batches
+        if ds.kind not in ("pairwise", "listwise"):
+            raise ValueError(
+                f"precompute_reference_logps: dataset kind {ds.kind!r} (expected pairwise or "
+                "listwise)."
+            )
+        buckets = batching.default_buckets(ds.max_len)
+        lengths = ds.lengths()
+        for start in range(0, len(ds), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(ds)))
+            length = seq_len or batching.bucket_length(int(lengths[idx].max()), buckets)
+            idx = np.concatenate([idx, -np.ones(batch_size - len(idx), np.int64)])
+            yield batching.collate(ds, idx, length)
+
+    def run(ids, attn, lmask):
+        ids, attn, lmask = (np.asarray(x) for x in (ids, attn, lmask))
+        if mesh is not None:
+            placed = shd.shard_batch(
+                mesh, {"ids": ids, "attn": attn, "lmask": lmask}
+            )  # leading axis over data x fsdp
+            ids, attn, lmask = placed["ids"], placed["attn"], placed["lmask"]
+        return np.asarray(logps_fn(ref_params, ids, attn, lmask))
+
+    chosen, rejected, listwise = [], [], []
+    for batch in batches():
+        keep = np.asarray(batch.get("example_mask", np.ones(_leading(batch), np.int32))) > 0
+        if "chosen_input_ids" in batch:
+            num = batch["chosen_input_ids"].shape[0]
+            ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+            attn = np.concatenate(
+                [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
+            )
+            lmask = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+            out = run(ids, attn, lmask)
+            chosen.append(out[:num][keep])
+            rejected.append(out[num:][keep])
+        elif np.ndim(batch["input_ids"]) == 3:
+            num, k, seq = batch["input_ids"].shape
+            ids, attn, lmask = (
+                np.asarray(batch[n]).reshape(num * k, seq)  # [batch, k, seq] -> [batch * k, seq]
+                for n in ("input_ids", "attention_mask", "loss_mask")
+            )
+            out = run(ids, attn, lmask)
+            out = out.reshape(num, k) * np.asarray(batch["response_mask"])
+            listwise.append(out[keep])
+        else:
+            raise ValueError(
+                "precompute_reference_logps: batches must be pairwise (chosen_input_ids, ...) or "
+                "listwise (input_ids [batch, k, seq])."
+            )
+    if listwise:
+        return {"ref_logps": np.concatenate(listwise).astype(np.float32)}
+    return {
+        "ref_chosen_logps": np.concatenate(chosen).astype(np.float32),
+        "ref_rejected_logps": np.concatenate(rejected).astype(np.float32),
+    }
+
+
+def _leading(batch: Mapping[str, Any]) -> int:
+    for name in ("chosen_input_ids", "input_ids"):
+        if name in batch:
+            return int(np.shape(batch[name])[0])
+    raise ValueError("batch has neither chosen_input_ids nor input_ids")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------
+
+
+def run(config: Any, workdir: str) -> Any:
+    """Trains with ``config`` and writes checkpoints/metrics to ``workdir`` (the generic loop)."""
+    import sys
+
+    from prefjax.train import loop
+
+    return loop.run(config, workdir, sys.modules[__name__])
