@@ -116,22 +116,24 @@ def _next_real_values(values: jax.Array, mask: jax.Array, bootstrap: jax.Array) 
     return jnp.take_along_axis(values_ext, next_idx, axis=1)
 
 
+def _reverse_step(carry: _ReverseCarry, x):
+    """One backward step; a module-level function so eager calls reuse the compiled scan."""
+    delta, discount, real = x  # each [batch]
+    acc = delta + discount * carry.next_acc
+    acc = jnp.where(real, acc, carry.next_acc)  # masked: carry the next real token's value
+    return _ReverseCarry(acc), jnp.where(real, acc, 0.0)
+
+
 def _reverse_discounted_sum(deltas: jax.Array, discounts: jax.Array, mask: jax.Array) -> jax.Array:
     r"""Masked reverse recursion :math:`y_t = \delta_t + c_t\,y_{t+1}` over real tokens.
 
     Masked positions output 0 and pass :math:`y_{t+1}` through unchanged.
     """
 
-    def step(carry: _ReverseCarry, x):
-        delta, discount, real = x  # each [batch]
-        acc = delta + discount * carry.next_acc
-        acc = jnp.where(real, acc, carry.next_acc)
-        return _ReverseCarry(acc), jnp.where(real, acc, 0.0)
-
     init = _ReverseCarry(jnp.zeros(deltas.shape[:1], jnp.float32))
     # [batch, seq] -> [seq, batch]: scan over time, vectorised over the batch.
     xs = (deltas.T, discounts.T, mask.T)
-    _, ys = jax.lax.scan(step, init, xs, reverse=True)
+    _, ys = jax.lax.scan(_reverse_step, init, xs, reverse=True)
     return ys.T  # [seq, batch] -> [batch, seq]
 
 
@@ -317,7 +319,9 @@ def group_advantages(
     centred = groups - jnp.mean(groups, axis=1, keepdims=True)
     if normalize_std:
         std = jnp.std(groups, axis=1, keepdims=True, ddof=1)
-        centred = centred / (std + eps)
+        # Double where: an all-equal group (std 0) gives 0, not 0/0, even with eps = 0.
+        safe = jnp.where(std > 0, std + eps, 1.0)
+        centred = jnp.where(std > 0, centred / safe, 0.0)
     return centred.reshape(-1)  # [num_prompts, group_size] -> [batch]
 
 
