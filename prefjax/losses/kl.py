@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 
+_MAX_LOG_RATIO = 20.0  # k3's exp(-log_ratio) stays finite in float32, with margin
+
+
 def _log_ratio(
     logprobs: ArrayLike, ref_logprobs: ArrayLike, mask: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -134,7 +137,9 @@ def k3(logprobs: ArrayLike, ref_logprobs: ArrayLike, mask: ArrayLike | None = No
     Unbiased (the control variate :math:`\rho^{-1} - 1` has mean 0 under :math:`\pi_\theta`),
     non-negative (:math:`x - 1 \ge \log x`) and low-variance: the KL term of GRPO (Shao et al.,
     2024, Eq. 4). It grows like :math:`\pi_{ref}/\pi_\theta` on tokens the reference finds far
-    likelier than the policy; a float32 overflow there gives ``inf``, never NaN.
+    likelier than the policy; so that such a token (say a log-prob of -1e4 under the policy) gives a
+    large finite penalty instead of ``inf``, the log-ratio is clamped to ``[-20, 20]`` before the
+    ``exp`` (as verl's ``low_var_kl``), which changes nothing for ratios within :math:`e^{\pm 20}`.
 
     Args:
       logprobs: ``[batch, seq]`` policy log-probs of the sampled tokens.
@@ -152,6 +157,8 @@ def k3(logprobs: ArrayLike, ref_logprobs: ArrayLike, mask: ArrayLike | None = No
       J. Schulman, "Approximating KL Divergence", 2020. Shao et al., "DeepSeekMath", 2024, Eq. (4).
     """
     log_ratio, mask = _log_ratio(logprobs, ref_logprobs, mask)
+    # Clamp so exp cannot overflow: e^20 ~ 4.9e8 is finite in float32 (and its gradient too).
+    log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     # exp(-log_ratio) - 1 is expm1: accurate when the policies are close (the usual case).
     return _finish(jnp.expm1(-log_ratio) + log_ratio, mask)
 
