@@ -222,14 +222,18 @@ def plackett_luce_loss(scores: ArrayLike, *, mask: ArrayLike | None = None) -> j
     k = scores.shape[-1]
     # Masked scores may be garbage (NaN, -inf padding): replace them before any arithmetic.
     safe = jnp.where(valid, scores, 0.0)
-    later = jnp.arange(k)[None, :] >= jnp.arange(k)[:, None]  # [k, k]: j >= i
-    # Choice set of position i: valid j >= i. Position i itself is always included so that the
-    # logsumexp never runs over an empty set (its term is masked out below when i is invalid).
-    in_set = (later[None] & valid[:, None, :]) | jnp.eye(k, dtype=bool)[None]  # [batch, k, k]
-    log_denominator = jax.nn.logsumexp(
-        jnp.broadcast_to(safe[:, None, :], in_set.shape), axis=-1, where=in_set
-    )  # [batch, k]
-    terms = jnp.where(valid, safe - log_denominator, 0.0)
+    later = jnp.arange(k)[None, :] > jnp.arange(k)[:, None]  # [k, k]: j > i
+    # Term i is log(e^{s_i} / sum_{j >= i} e^{s_j}) = -softplus(log sum_{j > i} e^{s_j - s_i}):
+    # softplus (log1p inside) keeps precision when response i dominates, where s_i - logsumexp
+    # would cancel catastrophically.
+    in_set = later[None] & valid[:, None, :]  # [batch, k, k]: valid j after i
+    nonempty = jnp.any(in_set, axis=-1)  # [batch, k]; the last valid response has no term
+    # Empty sets get a dummy member (j = i) so logsumexp never sees an empty set (no -inf, no NaN
+    # gradient); their terms are zeroed below.
+    safe_set = in_set | (jnp.eye(k, dtype=bool)[None] & ~nonempty[..., None])
+    diffs = safe[:, None, :] - safe[:, :, None]  # [batch, i, j] = s_j - s_i
+    log_rest = jax.nn.logsumexp(diffs, axis=-1, where=safe_set)  # [batch, k]
+    terms = jnp.where(valid & nonempty, -jax.nn.softplus(log_rest), 0.0)
     return -jnp.sum(terms, axis=-1)
 
 
