@@ -17,3 +17,7 @@ from prefjax.models.transformer import KVCache as KVCache
 from prefjax.models.transformer import Transformer as Transformer
 from prefjax.models.transformer import default_positions as default_positions
 from prefjax.models.transformer import last_token_index as last_token_index
+from prefjax.models.hf import config_from_hf as config_from_hf
+from prefjax.models.hf import config_to_hf as config_to_hf
+from prefjax.models.hf import from_pretrained as from_pretrained
+from prefjax.models.hf import save_pretrained as save_pretrained

@@ -82,6 +82,8 @@ class TransformerConfig:
       tie_embeddings: the LM head is the transposed token embedding.
       sliding_window: if set, a query attends only to keys less than this many positions back
         (Mistral / Qwen2 sliding-window attention).
+      sliding_window_layers: which layers use the sliding window (one bool per layer, Qwen2's
+        ``layer_types``); ``None`` means all layers when ``sliding_window`` is set.
       attention_impl: ``implementation`` passed to ``jax.nn.dot_product_attention``: ``None``
         (let JAX choose), ``"xla"`` or ``"cudnn"`` (flash attention; bf16/fp16 on recent GPUs).
       dtype: compute dtype.
@@ -113,6 +115,7 @@ class TransformerConfig:
     activation: str = "silu"
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    sliding_window_layers: tuple[bool, ...] | None = None
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -158,7 +161,26 @@ class TransformerConfig:
             "sliding_window",
             "must be None or positive",
         )
+        if self.sliding_window_layers is not None:
+            check(
+                self.sliding_window is not None
+                and len(self.sliding_window_layers) == self.num_layers,
+                "sliding_window_layers",
+                f"needs sliding_window and one entry per layer ({self.num_layers})",
+            )
+            check(
+                self.attention_impl != "cudnn",
+                "sliding_window_layers",
+                "per-layer windows are not supported with attention_impl='cudnn'",
+            )
         check(self.max_positions > 0, "max_positions", "must be positive")
+
+    def layer_windows(self):
+        """Per-layer sliding window sizes (0 = full attention), or ``None`` without windows."""
+        if self.sliding_window is None:
+            return None
+        layers = self.sliding_window_layers or (True,) * self.num_layers
+        return tuple(self.sliding_window if s else 0 for s in layers)
 
     @property
     def resolved_head_dim(self) -> int:

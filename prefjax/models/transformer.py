@@ -306,7 +306,7 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, layer_cache, cache_meta):
+    def __call__(self, x, positions, attention_mask, layer_cache, window, cache_meta):
         cfg = self.config
         h, k_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         p = lambda *a: _proj(cfg, self.lora, self.deterministic, *a)  # noqa: E731
@@ -318,14 +318,16 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         if layer_cache is None:
-            out = self._attend(q, k, v, positions, attention_mask)
+            out = self._attend(q, k, v, positions, attention_mask, window)
             new_cache = None
         else:
-            out, new_cache = self._attend_cached(q, k, v, positions, layer_cache, cache_meta)
+            out, new_cache = self._attend_cached(
+                q, k, v, positions, layer_cache, window, cache_meta
+            )
         o_proj = p("o_proj", (cfg.hidden_size,), ("heads", "head_dim"), ("embed",), cfg.out_bias)
         return o_proj(out), new_cache
 
-    def _attend(self, q, k, v, positions, attention_mask):
+    def _attend(self, q, k, v, positions, attention_mask, window):
         """Attention within the sequence: causal, key padding, optional sliding window."""
         cfg = self.config
         seq = q.shape[1]
@@ -345,9 +347,10 @@ class Attention(nn.Module):
         idx = jnp.arange(seq)
         causal = idx[None, :] <= idx[:, None]  # [T, S]
         mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
-        if cfg.sliding_window is not None:
+        if window is not None:
+            # window is this layer's size (traced, 0 = full attention).
             dist = positions[:, :, None] - positions[:, None, :]
-            mask &= dist < cfg.sliding_window
+            mask &= (window <= 0) | (dist < window)
         # A padding query has no valid key on its left; let it see itself so its (ignored) output
         # stays finite instead of averaging garbage.
         mask |= jnp.eye(seq, dtype=bool)[None]
@@ -355,7 +358,7 @@ class Attention(nn.Module):
             q, k, v, mask=mask[:, None], implementation=cfg.attention_impl
         )
 
-    def _attend_cached(self, q, k, v, positions, layer_cache, cache_meta):
+    def _attend_cached(self, q, k, v, positions, layer_cache, window, cache_meta):
         """Write ``k, v`` into the cache at slot ``length`` and attend over all valid slots."""
         cfg = self.config
         cache_k, cache_v = layer_cache  # [B, S, K, Dh] each
@@ -367,9 +370,9 @@ class Attention(nn.Module):
         query_slot = length + jnp.arange(seq)  # [T]
         causal = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
         mask = causal[None] & slot_mask.astype(bool)[:, None, :]  # [B, T, S]
-        if cfg.sliding_window is not None:
+        if window is not None:
             dist = positions[:, :, None] - slot_pos[:, None, :]
-            mask &= dist < cfg.sliding_window
+            mask &= (window <= 0) | (dist < window)
         mask |= jnp.arange(max_len)[None, None, :] == query_slot[None, :, None]
         out = jax.nn.dot_product_attention(
             q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=mask[:, None]
@@ -406,10 +409,16 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, attention_mask, cache_meta):
+    def __call__(self, x, layer_xs, positions, attention_mask, cache_meta):
         cfg = self.config
+        layer_cache, window = layer_xs  # this layer's (k, v) cache slices and window size
         attn_out, new_cache = Attention(cfg, self.lora, self.deterministic, name="attn")(
-            Norm(cfg, name="attn_norm")(x), positions, attention_mask, layer_cache, cache_meta
+            Norm(cfg, name="attn_norm")(x),
+            positions,
+            attention_mask,
+            layer_cache,
+            window,
+            cache_meta,
         )
         x = x + attn_out
         x = x + MLP(cfg, self.lora, self.deterministic, name="mlp")(Norm(cfg, name="mlp_norm")(x))
@@ -523,8 +532,10 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             x = x + self.pos_embed(jnp.clip(positions, 0, cfg.max_positions - 1))
         x = x.astype(cfg.dtype)
+        windows = cfg.layer_windows()
+        windows = None if windows is None else jnp.asarray(windows, jnp.int32)  # [L]
         if cache is None:
-            x, _ = self.layers(x, None, positions, attention_mask, None)
+            x, _ = self.layers(x, (None, windows), positions, attention_mask, None)
             return self.final_norm(x), None
         seq = input_ids.shape[1]
         start = (0, cache.length)
@@ -533,7 +544,9 @@ class Transformer(nn.Module):
         )
         slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), start)
         meta = (slot_mask, slot_pos, cache.length)
-        x, (new_k, new_v) = self.layers(x, (cache.k, cache.v), positions, attention_mask, meta)
+        x, (new_k, new_v) = self.layers(
+            x, ((cache.k, cache.v), windows), positions, attention_mask, meta
+        )
         new_cache = KVCache(
             k=new_k,
             v=new_v,
