@@ -4,6 +4,10 @@ from prefjax.models.config import PRESETS as PRESETS
 from prefjax.models.config import RopeScaling as RopeScaling
 from prefjax.models.config import TransformerConfig as TransformerConfig
 from prefjax.models.config import preset as preset
+from prefjax.models.hf import config_from_hf as config_from_hf
+from prefjax.models.hf import config_to_hf as config_to_hf
+from prefjax.models.hf import from_pretrained as from_pretrained
+from prefjax.models.hf import save_pretrained as save_pretrained
 from prefjax.models.model import LoRA as LoRA
 from prefjax.models.model import Model as Model
 from prefjax.models.model import from_preset as from_preset
@@ -17,7 +21,3 @@ from prefjax.models.transformer import KVCache as KVCache
 from prefjax.models.transformer import Transformer as Transformer
 from prefjax.models.transformer import default_positions as default_positions
 from prefjax.models.transformer import last_token_index as last_token_index
-from prefjax.models.hf import config_from_hf as config_from_hf
-from prefjax.models.hf import config_to_hf as config_to_hf
-from prefjax.models.hf import from_pretrained as from_pretrained
-from prefjax.models.hf import save_pretrained as save_pretrained

@@ -360,7 +360,6 @@ class Attention(nn.Module):
 
     def _attend_cached(self, q, k, v, positions, layer_cache, window, cache_meta):
         """Write ``k, v`` into the cache at slot ``length`` and attend over all valid slots."""
-        cfg = self.config
         cache_k, cache_v = layer_cache  # [B, S, K, Dh] each
         slot_mask, slot_pos, length = cache_meta  # [B, S] (already updated), [B, S], []
         seq, max_len = q.shape[1], cache_k.shape[1]
