@@ -232,7 +232,8 @@ def plackett_luce_loss(scores: ArrayLike, *, mask: ArrayLike | None = None) -> j
     # gradient); their terms are zeroed below.
     safe_set = in_set | (jnp.eye(k, dtype=bool)[None] & ~nonempty[..., None])
     diffs = safe[:, None, :] - safe[:, :, None]  # [batch, i, j] = s_j - s_i
-    log_rest = jax.nn.logsumexp(diffs, axis=-1, where=safe_set)  # [batch, k]
+    diffs = jnp.where(safe_set, diffs, -jnp.inf)  # exp(-inf) = 0: outside the choice set
+    log_rest = jax.nn.logsumexp(diffs, axis=-1)  # [batch, k]
     terms = jnp.where(valid & nonempty, -jax.nn.softplus(log_rest), 0.0)
     return -jnp.sum(terms, axis=-1)
 
