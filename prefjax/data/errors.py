@@ -75,14 +75,19 @@ class DropReport:
 
     dropped: list[DataError] = dataclasses.field(default_factory=list)
     kept: int = 0
+    # Filled by validation: (first_row, row) pairs whose reverse pair also occurs, and accepted
+    # duplicates (with allow_duplicates=True).
+    contradictions: list = dataclasses.field(default_factory=list)
+    duplicates: list = dataclasses.field(default_factory=list)
 
     def add(self, err: DataError) -> None:
         self.dropped.append(err)
         logger.warning("dropped row: %s", err)
 
     def extend(self, other: DropReport) -> None:
-        for err in other.dropped:
-            self.dropped.append(err)
+        self.dropped.extend(other.dropped)
+        self.contradictions.extend(other.contradictions)
+        self.duplicates.extend(other.duplicates)
 
     def counts(self) -> dict[str, int]:
         """Number of dropped rows per error code (``missing_field``, ``duplicate``, ...)."""

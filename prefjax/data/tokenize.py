@@ -168,7 +168,7 @@ def tokenize(
     *,
     max_len: int,
     max_prompt_len: int | None = None,
-    truncation: TruncationPolicy = TruncationPolicy(),
+    truncation: TruncationPolicy | None = None,
     add_bos: bool = True,
     append_eos: bool = True,
     on_error: str = "raise",
@@ -220,6 +220,7 @@ def tokenize(
         raise ValueError(f"max_len must be positive, got {max_len}")
     if max_prompt_len is not None and not 0 < max_prompt_len <= max_len:
         raise ValueError(f"max_prompt_len must be in (0, max_len={max_len}], got {max_prompt_len}")
+    truncation = truncation or TruncationPolicy()
     rows = as_rows(records, source=source)
     enc = _Encoder(tokenizer, add_bos, append_eos)
     extra = _numeric_columns(rows, kind)
