@@ -70,9 +70,16 @@ def grouped_split(
 
 @dataclasses.dataclass
 class LeakageReport:
-    """Prompt groups and exact examples shared by two sets of rows."""
+    """Prompt groups and exact examples shared by two sets of rows.
+
+    ``shared_groups`` are group keys (``prompt_id`` or prompt text) found on both sides;
+    ``shared_prompt_texts`` are prompts whose text occurs on both sides under different
+    ``prompt_id`` values (a renamed duplicate); ``shared_examples`` counts eval rows identical
+    to a train row (ignoring ``prompt_id``).
+    """
 
     shared_groups: list[str]
+    shared_prompt_texts: list[str]
     shared_examples: int
     train_rows_leaking: int
     eval_rows_leaking: int
@@ -81,45 +88,47 @@ class LeakageReport:
 
     @property
     def leaks(self) -> bool:
-        return bool(self.shared_groups or self.shared_examples)
+        return bool(self.shared_groups or self.shared_prompt_texts or self.shared_examples)
 
     def summary(self, limit: int = 10) -> str:
         lines = [
             f"leakage: {len(self.shared_groups)} of {self.num_eval_groups} eval prompt groups "
-            f"also in train ({self.eval_rows_leaking} eval rows, {self.train_rows_leaking} train "
+            f"also in train, {len(self.shared_prompt_texts)} more prompts shared by text under "
+            f"other ids ({self.eval_rows_leaking} eval rows, {self.train_rows_leaking} train "
             f"rows); {self.shared_examples} identical examples"
         ]
-        for g in self.shared_groups[:limit]:
+        for g in (self.shared_groups + self.shared_prompt_texts)[:limit]:
             lines.append(f"  shared: {g[:120]!r}")
-        if len(self.shared_groups) > limit:
-            lines.append(f"  ... and {len(self.shared_groups) - limit} more")
+        n = len(self.shared_groups) + len(self.shared_prompt_texts)
+        if n > limit:
+            lines.append(f"  ... and {n - limit} more")
         return "\n".join(lines)
 
 
+def _data(r):
+    return r.data if isinstance(r, Row) else r
+
+
 def check_leakage(train_rows, eval_rows, *, by: str = "auto") -> LeakageReport:
-    """Compares two sets of normalised rows (or paths, read and validated first).
+    """Compares two sets of rows (normalised, or raw with a ``prompt`` field).
 
-    Groups are compared by ``by`` (see :func:`group_key`); prompts are also compared by text
-    when both sides have ``prompt_id`` so that renamed duplicates are caught.
+    Groups are compared by ``by`` (see :func:`group_key`); with ``by="auto"`` prompts are also
+    compared by text, so the same prompt under two different ``prompt_id`` values is caught.
     """
-    from prefjax.data.loaders import load_rows
-
-    if isinstance(train_rows, str):
-        train_rows = load_rows(train_rows)[1]
-    if isinstance(eval_rows, str):
-        eval_rows = load_rows(eval_rows)[1]
     tk = [group_key(r, by) for r in train_rows]
     ek = [group_key(r, by) for r in eval_rows]
     shared = set(tk) & set(ek)
+    texts: set[str] = set()
     if by == "auto":
-        tp = {group_key(r, "prompt") for r in train_rows}
-        shared |= {group_key(r, "prompt") for r in eval_rows} & tp
-
-    def in_shared(r, k):
-        return k in shared or group_key(r, "prompt") in shared
+        tt = [group_key(r, "prompt") for r in train_rows]
+        et = [group_key(r, "prompt") for r in eval_rows]
+        covered = {t for t, k in zip(et, ek, strict=True) if k in shared}
+        texts = (set(tt) & set(et)) - covered
+    else:
+        tt, et = tk, ek
 
     def example_key(r):
-        d = r.data if isinstance(r, Row) else r
+        d = _data(r)
         return repr(
             sorted(
                 (k, prompt_key(v) if isinstance(v, (str, list)) else repr(v))
@@ -128,12 +137,13 @@ def check_leakage(train_rows, eval_rows, *, by: str = "auto") -> LeakageReport:
             )
         )
 
-    same = {example_key(r) for r in train_rows} & {example_key(r) for r in eval_rows}
+    same = {example_key(r) for r in train_rows}
     return LeakageReport(
         shared_groups=sorted(shared),
+        shared_prompt_texts=sorted(texts),
         shared_examples=sum(example_key(r) in same for r in eval_rows),
-        train_rows_leaking=sum(in_shared(r, k) for r, k in zip(train_rows, tk, strict=True)),
-        eval_rows_leaking=sum(in_shared(r, k) for r, k in zip(eval_rows, ek, strict=True)),
+        train_rows_leaking=sum(k in shared or t in texts for k, t in zip(tk, tt, strict=True)),
+        eval_rows_leaking=sum(k in shared or t in texts for k, t in zip(ek, et, strict=True)),
         num_train_groups=len(set(tk)),
         num_eval_groups=len(set(ek)),
     )
