@@ -245,3 +245,15 @@ def test_gae_masking_contract_property(seed, gamma, lam, masked_fraction):
             rewards[b : b + 1, real], values[b : b + 1, real], ones, gamma=gamma, lam=lam
         )
         np.testing.assert_allclose(np.asarray(adv)[b, real], a_b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gae_vmap_and_eager_agree_with_jit():
+    cases = [_random_case(seed, batch=2, seq=5) for seed in (10, 11)]
+    rewards, values, mask = (np.stack(x) for x in zip(*cases, strict=True))  # [2, batch, seq]
+    stacked = jax.vmap(lambda r, v, m: gae(r, v, m, gamma=0.9, lam=0.95))(rewards, values, mask)
+    for i in range(2):
+        eager = gae(rewards[i], values[i], mask[i], gamma=0.9, lam=0.95)
+        jitted = _gae_jit(rewards[i], values[i], mask[i], gamma=0.9, lam=0.95)
+        for a, b, c in zip(stacked, eager, jitted, strict=True):
+            np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(c, b, rtol=1e-6, atol=1e-6)
