@@ -230,7 +230,8 @@ class BatchIterator:
       buckets: allowed sequence lengths (default :func:`default_buckets` of the dataset's
         ``max_len``, or of ``max_prompt_len`` for prompt datasets); a batch is padded to the
         smallest bucket that fits its longest example.
-      pad_side: ``"right"`` (training batches) or ``"left"`` (prompts for generation).
+      pad_side: ``"right"`` or ``"left"``; default right for training batches and left for
+        ``prompt`` datasets (generation appends to the right end of every row).
       group_by_length: if > 1, sort windows of this many batches by length before batching, so
         similar lengths share a batch (less padding, still deterministic).
       process_index, process_count: this process's shard (default ``jax.process_index()`` /
@@ -244,7 +245,7 @@ class BatchIterator:
       >>> from prefjax.data.dataset import object_array
       >>> ids = object_array([np.arange(1, n + 1, dtype=np.int32) for n in (3, 5, 2, 7)])
       >>> ds = TokenizedDataset("prompt", {"prompt_ids": ids}, pad_id=0, max_len=8)
-      >>> it = BatchIterator(ds, 2, seed=0, pad_side="left", process_index=0, process_count=1)
+      >>> it = BatchIterator(ds, 2, seed=0, process_index=0, process_count=1)  # left-padded
       >>> first = next(it); state = it.get_state(); second = next(it)
       >>> it.set_state(state); np.array_equal(next(it)["prompt_input_ids"],
       ...                                      second["prompt_input_ids"])
@@ -261,7 +262,7 @@ class BatchIterator:
         num_epochs: int | None = None,
         drop_remainder: bool = True,
         buckets=None,
-        pad_side: str = "right",
+        pad_side: str | None = None,
         group_by_length: int = 1,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -281,6 +282,8 @@ class BatchIterator:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        if pad_side is None:
+            pad_side = "left" if dataset.kind == "prompt" else "right"
         if pad_side not in ("left", "right"):
             raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
         if len(dataset) == 0:
@@ -384,3 +387,13 @@ class BatchIterator:
     def step(self) -> int:
         """Number of batches consumed so far (the next batch's global index)."""
         return int(self._iter.get_state()["next_index"])
+
+
+def eval_batches(dataset: TokenizedDataset, batch_size: int, **kw):
+    """One ordered pass over ``dataset`` in fixed-shape batches, keeping every example: the
+    last batch is padded with masked rows and carries ``example_mask`` (weight metrics by it).
+
+    Keyword arguments go to :class:`BatchIterator` (e.g. ``process_index``/``process_count``).
+    """
+    kw = {"shuffle": False, "num_epochs": 1, "drop_remainder": False, **kw}
+    return BatchIterator(dataset, batch_size, **kw)

@@ -475,6 +475,15 @@ def normalize(row: Row | Mapping, kind: str) -> Row:
     return Row(_NORMALIZERS[kind](row), row.source, row.index, row.index_kind)
 
 
+_DEDUP_FIELDS = {
+    "pairwise": "prompt, chosen, rejected",
+    "listwise": "prompt, responses, ranking",
+    "unpaired": "prompt, completion, label",
+    "sft": "prompt, completion",
+    "prompt": "prompt",
+}
+
+
 def _dedup_key(kind: str, d: dict):
     if kind == "pairwise":
         return (prompt_key(d["prompt"]), prompt_key(d["chosen"]), prompt_key(d["rejected"]))
@@ -538,13 +547,15 @@ def validate_rows(
             elif key in seen:
                 first = seen[key]
                 where = (
-                    f"line {first.index}"
+                    first.error("").location()
+                    if first.source != row.source
+                    else f"line {first.index}"
                     if first.index_kind == "line"
-                    else (f"record {first.index}")
+                    else f"record {first.index}"
                 )
                 raise row.error(
                     f"duplicate of {where}",
-                    field="prompt, chosen, rejected" if kind == "pairwise" else None,
+                    field=_DEDUP_FIELDS[kind],
                     code="duplicate",
                 )
             seen.setdefault(key, row)

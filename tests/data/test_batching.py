@@ -229,3 +229,61 @@ def test_unpaired_batch_has_labels(byte_tok):
     b = next(BatchIterator(ds, 16, shuffle=False, process_index=0, process_count=1))
     np.testing.assert_array_equal(b["label"], ds["label"])
     assert b["label"].dtype == np.int32 and b["input_ids"].shape[0] == 16
+
+
+def test_prompt_batches_default_to_left_padding(byte_tok):
+    ds = RepeatTask().prompt_dataset(byte_tok, 8, seed=0)
+    b = next(BatchIterator(ds, 4, process_index=0, process_count=1))
+    assert set(b) == {"prompt_input_ids", "prompt_attention_mask"}
+    assert b["prompt_attention_mask"][:, -1].tolist() == [1] * 4
+
+
+def test_eval_batches_cover_every_example_once(byte_tok):
+    from prefjax.data.batching import eval_batches
+
+    ds = RepeatTask().pairwise_dataset(byte_tok, 11, seed=0)
+    batches = list(eval_batches(ds, 4, process_index=0, process_count=1))
+    assert len(batches) == 3 and batches[-1]["example_mask"].tolist() == [1, 1, 1, 0]
+    got = np.concatenate(
+        [b["chosen_gold_reward"][b.get("example_mask", np.ones(4, np.int32)) == 1] for b in batches]
+    )
+    np.testing.assert_array_equal(got, ds["chosen_gold_reward"])
+
+
+@pytest.mark.parametrize("task", ["sequence", "bandit", "files"])
+def test_datasets_from_config(byte_tok, tmp_path, task):
+    import ml_collections
+
+    from prefjax.data import datasets_from_config, write_jsonl
+
+    cfg = ml_collections.ConfigDict(
+        dict(
+            task=task,
+            train_files="",
+            eval_files="",
+            max_len=32,
+            max_prompt_len=16,
+            num_train=40,
+            num_eval=8,
+            label_noise=0.1,
+            seed=3,
+        )
+    )
+    if task == "files":
+        recs = RepeatTask().pairwise_records(30, seed=0)
+        cfg.train_files = f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"
+        write_jsonl(tmp_path / "a.jsonl", recs[:20])
+        write_jsonl(tmp_path / "b.jsonl", recs[:1])  # a duplicate across the two files
+        with pytest.raises(DataError, match=r"b.jsonl:1.*duplicate of .*a.jsonl:1"):
+            datasets_from_config(cfg, byte_tok)
+        recs = list({(r["prompt"], r["chosen"], r["rejected"]): r for r in recs}.values())
+        write_jsonl(tmp_path / "a.jsonl", recs[:15])
+        write_jsonl(tmp_path / "b.jsonl", recs[15:])
+    train, ev, task_obj = datasets_from_config(cfg, byte_tok)
+    assert train.kind == "pairwise" and train.max_len == 32
+    if task == "files":
+        assert task_obj is None and ev is None and len(train) == len(recs)
+    else:
+        assert len(train) == 40 and len(ev) == 8 and task_obj.flip_prob == 0.1
+    b = next(BatchIterator(train, 8, process_index=0, process_count=1))
+    assert b["chosen_input_ids"].shape[0] == 8
