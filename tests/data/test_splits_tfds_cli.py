@@ -170,3 +170,14 @@ def test_validate_builtin_task(capsys):
     assert validate_mod.main(["--task", "sequence", "--num", "300", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)[0]
     assert rep["valid_rows"] == 300 and rep["unique_prompts"] == 30
+
+
+@pytest.mark.parametrize("kind", ["listwise", "unpaired", "sft", "prompt"])
+def test_tfds_round_trip_other_kinds(tmp_path, kind):
+    task = RepeatTask()
+    records = getattr(task, f"{kind}_records")(12, seed=1)
+    # distinct rows only: a file with duplicates would (rightly) fail validation
+    records = list({json.dumps(r, sort_keys=True): r for r in records}.values())
+    write_jsonl(tmp_path / "d.jsonl", records)
+    builder = build_tfds(str(tmp_path / "d.jsonl"), data_dir=str(tmp_path / "tfds"), kind=kind)
+    assert [r.data for r in read_tfds(builder.data_dir)] == records
