@@ -88,6 +88,7 @@ def collate(
     pad_side: str = "right",
     num_responses: int | None = None,
     with_positions: bool = False,
+    with_example_mask: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Builds one batch from the examples at ``indices`` (``-1`` = padding row).
 
@@ -101,8 +102,9 @@ def collate(
     * prompt: ``prompt_input_ids, prompt_attention_mask`` ``[batch, seq]`` (use
       ``pad_side="left"`` for generation).
 
-    Numeric extra columns are gathered under their own names. If any index is ``-1`` the batch
-    also gets ``example_mask [batch]`` (1 real, 0 padding row).
+    Numeric extra columns are gathered under their own names. ``example_mask [batch]`` (1 real,
+    0 padding row) is added when ``with_example_mask`` is true, or (default ``None``) when any
+    index is ``-1``.
     """
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
@@ -163,8 +165,13 @@ def collate(
         col = c[name]
         vals = col[safe]
         vals = np.where(real.reshape((-1,) + (1,) * (col.ndim - 1)), vals, 0).astype(col.dtype)
-        batch[name] = vals.astype(np.float32) if vals.dtype == np.float64 else vals
-    if not real.all():
+        # 64-bit columns become 32-bit: JAX runs without x64 by default.
+        if vals.dtype == np.float64:
+            vals = vals.astype(np.float32)
+        elif vals.dtype == np.int64:
+            vals = vals.astype(np.int32)
+        batch[name] = vals
+    if with_example_mask or (with_example_mask is None and not real.all()):
         batch["example_mask"] = real.astype(np.int32)
     return batch
 
@@ -226,7 +233,8 @@ class BatchIterator:
       shuffle: shuffle every epoch (``False``: dataset order).
       num_epochs: ``None`` iterates forever.
       drop_remainder: drop the last partial batch of an epoch (default); otherwise pad it with
-        fully masked rows and add ``example_mask [batch]``.
+        fully masked rows, and every batch (so all steps and all processes share one structure)
+        carries ``example_mask [batch]``.
       buckets: allowed sequence lengths (default :func:`default_buckets` of the dataset's
         ``max_len``, or of ``max_prompt_len`` for prompt datasets); a batch is padded to the
         smallest bucket that fits its longest example.
@@ -336,6 +344,7 @@ class BatchIterator:
             pad_side=self.pad_side,
             num_responses=self._num_responses,
             with_positions=self.with_positions,
+            with_example_mask=not self.drop_remainder,
         )
 
     @property

@@ -302,7 +302,9 @@ def tokenize(
     columns["source_index"] = np.asarray(out["source_index"], np.int64)
     for name in extra:
         vals = np.asarray(out[name])
-        columns[name] = vals.astype(np.float32) if vals.dtype.kind == "f" else vals
+        # Margins are real numbers even when a file writes them as integers.
+        floating = vals.dtype.kind == "f" or name == "margin"
+        columns[name] = vals.astype(np.float32) if floating else vals
     if kind == "unpaired":
         columns["label"] = np.asarray(labels, np.int32)
     info = dict(stats, dropped=report)

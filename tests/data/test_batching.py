@@ -193,7 +193,9 @@ def test_padding_rows_when_not_dropping(byte_tok):
     last = batches[-1]
     assert last["example_mask"].tolist() == [1, 1, 0, 0]
     assert last["loss_mask"][2:].sum() == 0 and last["attention_mask"][2:].sum() == 0
-    assert "example_mask" not in batches[0]
+    assert batches[0]["example_mask"].tolist() == [1, 1, 1, 1]  # same structure every step
+    plain = next(BatchIterator(ds, 4, process_index=0, process_count=1))
+    assert "example_mask" not in plain
 
 
 def test_added_columns_flow_into_batches(byte_tok):
@@ -287,3 +289,11 @@ def test_datasets_from_config(byte_tok, tmp_path, task):
         assert len(train) == 40 and len(ev) == 8 and task_obj.flip_prob == 0.1
     b = next(BatchIterator(train, 8, process_index=0, process_count=1))
     assert b["chosen_input_ids"].shape[0] == 8
+
+
+def test_margin_column_is_float32_and_ints_are_int32(byte_tok):
+    recs = [_pair(f"q{i}", "a", "b", margin=i, annotator=i % 2) for i in range(4)]
+    ds = tokenize(recs, byte_tok, "pairwise", max_len=16)
+    b = next(BatchIterator(ds, 4, shuffle=False, process_index=0, process_count=1))
+    assert b["margin"].dtype == np.float32 and b["margin"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert b["annotator"].dtype == np.int32 and b["annotator"].tolist() == [0, 1, 0, 1]
