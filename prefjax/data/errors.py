@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 
 logger = logging.getLogger("prefjax.data")
 
@@ -106,17 +107,28 @@ class DropReport:
 
 
 @dataclasses.dataclass
-class Row:
+class Row(Mapping):
     """One input record and where it came from (for error messages).
 
     ``data`` is the record's dict; ``source`` its file, ``index`` its line (JSONL, 1-based) or
-    record index (JSON list, Parquet, TFDS, in-memory lists; 0-based).
+    record index (JSON list, Parquet, TFDS, in-memory lists; 0-based). A row reads like its
+    dict (``row["prompt"]``, ``row.get("prompt_id")``), so code written for plain records
+    accepts rows and keeps their locations.
     """
 
     data: dict
     source: str | None = None
     index: int | None = None
     index_kind: str = "record"
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self):
+        return len(self.data)
 
     def error(self, message: str, *, field: str | None = None, code: str = "invalid"):
         """A :class:`DataError` located at this row."""

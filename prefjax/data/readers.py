@@ -101,9 +101,16 @@ def is_tfds_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json"))
 
 
-def read_records(path: str, *, split: str = "train") -> list[Row]:
+def read_records(
+    path: str, kind: str | None = None, *, split: str = "train", on_error: str = "raise"
+) -> list[Row]:
     """Reads a local file by extension (``.jsonl``, ``.json``, ``.parquet``, optionally
     ``.gz``), or a prepared TFDS dataset folder (its ``split``).
+
+    With ``kind`` (``pairwise``, ``listwise``, ``unpaired``, ``sft``, ``prompt``) the rows are
+    also validated and normalised to that kind (HH / UltraFeedback / A-B layouts recognised),
+    raising the first :class:`DataError` or, with ``on_error="drop"``, dropping and logging bad
+    rows; without ``kind`` they are the raw records. Rows read like dicts.
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "x.jsonl")
@@ -112,6 +119,15 @@ def read_records(path: str, *, split: str = "train") -> list[Row]:
     [(1, 'a'), (3, 'b')]
     """
     path = os.fspath(path)
+    rows = _read_raw(path, split)
+    if kind is None:
+        return rows
+    from prefjax.data.schemas import validate_rows
+
+    return validate_rows(rows, kind, on_error=on_error)[1]
+
+
+def _read_raw(path: str, split: str) -> list[Row]:
     if is_tfds_dir(path):
         from prefjax.data.tfds_builder import read_tfds
 

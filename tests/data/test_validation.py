@@ -271,3 +271,21 @@ def test_detect_kind_error_names_the_row(tmp_path):
     path = _write_jsonl(tmp_path / "k.jsonl", [{"foo": 1}])
     with pytest.raises(DataError, match=r"k.jsonl:1: cannot tell the kind"):
         load_rows(path)
+
+
+def test_read_records_with_kind_validates_and_rows_read_like_dicts(tmp_path):
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    path = _write_jsonl(
+        tmp_path / "hh.jsonl", [hh, {"prompt": "q", "chosen": "a", "rejected": "a"}]
+    )
+    assert read_records(path)[0]["chosen"] == hh["chosen"]  # raw without a kind
+    with pytest.raises(DataError, match=r"hh.jsonl:2: field 'rejected'"):
+        read_records(path, "pairwise")
+    (row,) = read_records(path, "pairwise", on_error="drop")
+    assert row["prompt"] == "\n\nHuman: hi\n\nAssistant:" and row.get("prompt_id") is None
+    assert dict(row) == {
+        "prompt": "\n\nHuman: hi\n\nAssistant:",
+        "chosen": " yo",
+        "rejected": " no",
+    }
+    assert (row.source, row.index) == (path, 1)
