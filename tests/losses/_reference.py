@@ -38,8 +38,15 @@ def token_logprobs(logits, labels):
 
 
 def trl_dpo_loss(
-    loss_type, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-    label_smoothing=0.0, bco_delta=0.0,
+    loss_type,
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    label_smoothing=0.0,
+    bco_delta=0.0,
 ):
     """``trl/trainer/dpo_trainer.py``, ``DPOTrainer.dpo_loss`` (reference model, reverse KL).
 
@@ -108,13 +115,22 @@ def trl_dpo_loss(
 def trl_bco_running_mean_first_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta):
     """Older TRL ``bco_pair``: ``RunningMoments`` updated with the detached batch-mean reward of
     ``torch.cat((chosen_rewards, rejected_rewards))``; after one update its mean is that value."""
-    rewards = np.concatenate([beta * (chosen_logps - ref_chosen), beta * (rejected_logps - ref_rejected)])
+    rewards = np.concatenate(
+        [beta * (chosen_logps - ref_chosen), beta * (rejected_logps - ref_rejected)]
+    )
     return rewards.mean()
 
 
 def trl_kto_loss(
-    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-    kl, *, beta, desirable_weight=1.0, undesirable_weight=1.0,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    kl,
+    *,
+    beta,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
 ):
     """``trl/trainer/kto_trainer.py``, ``KTOTrainer.kto_loss`` (``loss_type="kto"``), with the
     batch split into its chosen (desirable) and rejected (undesirable) parts as TRL does; ``kl``
@@ -152,7 +168,12 @@ def trl_odds_ratio_loss(policy_chosen_logps, policy_rejected_logps, *, beta):
 
 
 def trl_cpo_loss(
-    loss_type, policy_chosen_logps, policy_rejected_logps, *, beta, label_smoothing=0.0,
+    loss_type,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    *,
+    beta,
+    label_smoothing=0.0,
     simpo_gamma=0.5,
 ):
     """``trl/trainer/cpo_trainer.py``, ``CPOTrainer.cpo_loss`` for ``loss_type`` ``"sigmoid"``
