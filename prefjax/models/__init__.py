@@ -4,6 +4,10 @@ from prefjax.models.config import PRESETS as PRESETS
 from prefjax.models.config import RopeScaling as RopeScaling
 from prefjax.models.config import TransformerConfig as TransformerConfig
 from prefjax.models.config import preset as preset
+from prefjax.models.generate import GenerateOutput as GenerateOutput
+from prefjax.models.generate import generate as generate
+from prefjax.models.generate import greedy_generate as greedy_generate
+from prefjax.models.generate import sample_logits as sample_logits
 from prefjax.models.hf import config_from_hf as config_from_hf
 from prefjax.models.hf import config_to_hf as config_to_hf
 from prefjax.models.hf import from_pretrained as from_pretrained

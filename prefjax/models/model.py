@@ -349,6 +349,7 @@ def _dummy_inputs():
 
 @functools.lru_cache(maxsize=64)
 def _init_fn(config: TransformerConfig, head: str):
+    """Boxed (``nn.LogicallyPartitioned``) parameter initialiser ``key -> params``."""
     module = tf.Transformer(config, head)
 
     def init(key):
@@ -357,8 +358,19 @@ def _init_fn(config: TransformerConfig, head: str):
     return init
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_init(config: TransformerConfig, head: str, part: str | None):
+    """Jitted unboxed initialiser of all parameters (``part=None``) or of one entry."""
+
+    def init(key):
+        params = nn.unbox(_init_fn(config, head)(key))
+        return params if part is None else params[part]
+
+    return jax.jit(init)
+
+
 def _init_params(config, head, key) -> Params:
-    return jax.jit(lambda k: nn.unbox(_init_fn(config, head)(k)))(key)
+    return _jitted_init(config, head, None)(key)
 
 
 def _init_head_params(config, head, key) -> Params:
@@ -366,11 +378,7 @@ def _init_head_params(config, head, key) -> Params:
     name = names[head]
     if head == "lm" and config.tie_embeddings:
         return {}
-
-    def init(k):
-        return nn.unbox(_init_fn(config, head)(k)[name])
-
-    return {name: jax.jit(init)(key)}
+    return {name: _jitted_init(config, head, name)(key)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -416,9 +424,14 @@ def _lora_init_fn(config, head, rank, targets):
     return init
 
 
-def _init_lora_weights(config, head, rank, targets, key, params):
+@functools.lru_cache(maxsize=64)
+def _jitted_lora_init(config, head, rank, targets):
     init = _lora_init_fn(config, head, rank, targets)
-    return jax.jit(lambda k, p: nn.unbox(init(k, p)))(key, params)
+    return jax.jit(lambda k, p: nn.unbox(init(k, p)))
+
+
+def _init_lora_weights(config, head, rank, targets, key, params):
+    return _jitted_lora_init(config, head, rank, targets)(key, params)
 
 
 @functools.lru_cache(maxsize=64)
