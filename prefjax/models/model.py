@@ -492,9 +492,9 @@ def from_preset(
         ``remat="dots"``.
 
     Example:
-      >>> model = prefjax.models.from_preset("tiny", key=jax.random.key(0), head="reward")
-      >>> model.apply(model.params, jnp.ones((3, 5), jnp.int32), jnp.ones((3, 5))).shape
-      (3,)
+      >>> model = prefjax.models.from_preset("tiny", key=jax.random.key(0), remat="dots")
+      >>> model.config.num_layers, model.config.remat, prefjax.models.param_count(model.params)
+      (2, 'dots', 115840)
     """
     config = preset(name, **overrides)
     return Model.init(config, key, head=head)
