@@ -494,7 +494,7 @@ def from_preset(
     Example:
       >>> model = prefjax.models.from_preset("tiny", key=jax.random.key(0), remat="dots")
       >>> model.config.num_layers, model.config.remat, prefjax.models.param_count(model.params)
-      (2, 'dots', 115840)
+      (2, 'dots', 107840)
     """
     config = preset(name, **overrides)
     return Model.init(config, key, head=head)
