@@ -168,11 +168,12 @@ class TransformerConfig:
                 "sliding_window_layers",
                 f"needs sliding_window and one entry per layer ({self.num_layers})",
             )
-            check(
-                self.attention_impl != "cudnn",
-                "sliding_window_layers",
-                "per-layer windows are not supported with attention_impl='cudnn'",
-            )
+        check(
+            self.attention_impl != "cudnn"
+            or jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)),
+            "attention_impl",
+            "cuDNN flash attention needs dtype bfloat16 or float16",
+        )
         check(self.max_positions > 0, "max_positions", "must be positive")
 
     def layer_windows(self):
@@ -186,6 +187,11 @@ class TransformerConfig:
     def resolved_head_dim(self) -> int:
         """``head_dim``, or ``hidden_size // num_heads`` when it is not set."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def for_init(self) -> TransformerConfig:
+        """The config used to create parameters: attention kernel and remat do not change the
+        parameters, so initialisation always traces the plain XLA path (also on CPU hosts)."""
+        return dataclasses.replace(self, attention_impl=None, remat="none")
 
     def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""

@@ -146,7 +146,7 @@ class Model:
     @functools.cached_property
     def param_axes(self) -> Params:
         """Logical axis names of every parameter (same structure as ``params``)."""
-        return _param_axes(self.config, self.head)
+        return _param_axes(self.config.for_init(), self.head)
 
     def with_head(self, head: str, *, key: jax.Array | None = None, params: Params = None) -> Model:
         """The same trunk with another head (e.g. a reward or value model from a policy).
@@ -260,12 +260,14 @@ class Model:
           dropout: dropout rate on the adapter input during training (needs ``key`` in ``apply``).
         """
         targets = _check_lora_args(self.config, rank, targets, dropout)
-        weights = _init_lora_weights(self.config, self.head, rank, targets, key, self.params)
+        weights = _init_lora_weights(
+            self.config.for_init(), self.head, rank, targets, key, self.params
+        )
         return LoRA(weights=weights, alpha=float(alpha), dropout=float(dropout))
 
     def lora_axes(self, lora: LoRA) -> LoRA:
         """Logical axis names of the adapters (a :class:`LoRA` with tuples as leaves)."""
-        axes = _lora_axes(self.config, self.head, lora.rank, lora.targets)
+        axes = _lora_axes(self.config.for_init(), self.head, lora.rank, lora.targets)
         return LoRA(weights=axes, alpha=lora.alpha, dropout=lora.dropout)
 
     def merge_lora(self, params: Params, lora: LoRA) -> Params:
@@ -350,7 +352,7 @@ def _dummy_inputs():
 @functools.lru_cache(maxsize=64)
 def _init_fn(config: TransformerConfig, head: str):
     """Boxed (``nn.LogicallyPartitioned``) parameter initialiser ``key -> params``."""
-    module = tf.Transformer(config, head)
+    module = tf.Transformer(config.for_init(), head)
 
     def init(key):
         return module.init({"params": key}, *_dummy_inputs())["params"]
@@ -370,7 +372,7 @@ def _jitted_init(config: TransformerConfig, head: str, part: str | None):
 
 
 def _init_params(config, head, key) -> Params:
-    return _jitted_init(config, head, None)(key)
+    return _jitted_init(config.for_init(), head, None)(key)
 
 
 def _init_head_params(config, head, key) -> Params:
@@ -378,7 +380,7 @@ def _init_head_params(config, head, key) -> Params:
     name = names[head]
     if head == "lm" and config.tie_embeddings:
         return {}
-    return {name: _jitted_init(config, head, name)(key)}
+    return {name: _jitted_init(config.for_init(), head, name)(key)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -413,7 +415,7 @@ def _check_lora_args(config, rank, targets, dropout) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _lora_init_fn(config, head, rank, targets):
-    module = tf.Transformer(config, head, LoraSpec(rank=rank, targets=targets))
+    module = tf.Transformer(config.for_init(), head, LoraSpec(rank=rank, targets=targets))
 
     def init(key, params):
         _, variables = module.apply(

@@ -332,18 +332,6 @@ class Attention(nn.Module):
         cfg = self.config
         seq = q.shape[1]
         key_valid = attention_mask.astype(bool)  # [B, S]
-        if cfg.attention_impl == "cudnn":
-            # cuDNN skips the masked upper triangle itself; padding goes in as a [B,1,1,S] mask.
-            window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-            return jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=key_valid[:, None, None, :],
-                is_causal=True,
-                local_window_size=window,
-                implementation="cudnn",
-            )
         idx = jnp.arange(seq)
         causal = idx[None, :] <= idx[:, None]  # [T, S]
         mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
@@ -354,8 +342,15 @@ class Attention(nn.Module):
         # A padding query has no valid key on its left; let it see itself so its (ignored) output
         # stays finite instead of averaging garbage.
         mask |= jnp.eye(seq, dtype=bool)[None]
+        # cuDNN takes the mask as a [B, 1, T, S] bias; is_causal additionally lets it skip the
+        # blocks above the diagonal. XLA applies the mask directly.
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], implementation=cfg.attention_impl
+            q,
+            k,
+            v,
+            mask=mask[:, None],
+            is_causal=cfg.attention_impl == "cudnn",
+            implementation=cfg.attention_impl,
         )
 
     def _attend_cached(self, q, k, v, positions, layer_cache, window, cache_meta):

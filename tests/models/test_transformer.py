@@ -240,6 +240,15 @@ def test_config_errors_name_the_field():
         pm.preset("huge")
     with pytest.raises(ValueError, match="sliding_window_layers"):
         pm.preset("tiny", sliding_window=4, sliding_window_layers=(True,))
+    with pytest.raises(ValueError, match="attention_impl.*bfloat16"):
+        pm.preset("tiny", attention_impl="cudnn")
+
+
+def test_init_does_not_depend_on_attention_kernel_or_remat(tiny):
+    # A cuDNN config can be initialised on a host without cuDNN; remat changes nothing either.
+    cfg = tiny.config.replace(attention_impl="cudnn", dtype=jnp.bfloat16, remat="full")
+    other = pm.Model.init(cfg, jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, other.params, tiny.params)
 
 
 def test_bad_inputs_are_reported(tiny):
