@@ -108,17 +108,35 @@ def model_overrides(config: Any) -> dict[str, Any]:
     return overrides
 
 
-def build_model(config: Any, *, key: jax.Array | None = None, head: str = "lm") -> Any:
-    """A ``prefjax.models.Model`` from ``config.model`` (local HF folder or named preset)."""
+def build_model(
+    config: Any, *, key: jax.Array | None = None, head: str = "lm", mesh: Mesh | None = None
+) -> Any:
+    """A ``prefjax.models.Model`` from ``config.model`` (local HF folder or named preset).
+
+    With ``mesh``, a preset's parameters are born sharded under ``config.mesh.rules``
+    (:func:`prefjax.sharding.sharded_init`: no device ever holds the whole unsharded model), and a
+    loaded checkpoint is placed with the same shardings.
+    """
     from prefjax import models
 
     key = jax.random.key(int(get(config, "seed", 0))) if key is None else key
     overrides = model_overrides(config)
     path = get(config, "model.path", "")
+    rules = shd.rules_from_config(get(config, "mesh", {}) or {})
     if path:
-        return models.from_pretrained(path, head=head, **overrides)
+        model = models.from_pretrained(path, head=head, **overrides)
+        if mesh is not None:
+            model.params = shd.shard_params(mesh, model.params, model.param_axes, rules)
+        return model
     preset = get(config, "model.preset", "tiny")
-    return models.from_preset(preset, key=key, head=head, **overrides)
+    if mesh is None:
+        return models.from_preset(preset, key=key, head=head, **overrides)
+    model_config = models.preset(preset, **overrides)
+    axes = models.Model(model_config, None, head=head).param_axes
+    params = shd.sharded_init(
+        lambda k: models.Model.init(model_config, k, head=head).params, mesh, axes, rules, key
+    )
+    return models.Model(model_config, params, head=head)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +193,7 @@ def response_logps(
 
 def tree_norm(tree: Any) -> jax.Array:
     """Global L2 norm of a pytree, in float32."""
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def make_update(

@@ -511,7 +511,7 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
 def _copy(tree: Any, sharding: Any) -> Any:
     """A fresh sharded copy (never aliasing ``tree``, which donation would delete)."""
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding)(tree)
+    return jax.device_put(tree, sharding, may_alias=False)
 
 
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
@@ -620,6 +620,7 @@ def precompute_reference_logps(
     mesh: Any = None,
     chunk_size: int = 0,
     seq_len: int | None = None,
+    rules: Any = None,
 ) -> dict[str, np.ndarray]:
     """One reference pass over a dataset; the result becomes dataset columns.
 
@@ -635,7 +636,8 @@ def precompute_reference_logps(
         padding rows marked by ``example_mask`` are dropped).
       batch_size: examples per forward pass when given a dataset.
       mesh: optional mesh; batches are split over ``("data", "fsdp")`` (the size is rounded up
-        to a multiple of the data-parallel size with padding rows).
+        to a multiple of the data-parallel size with padding rows) and ``ref_params`` are
+        sharded by ``rules`` (default ``prefjax.sharding.DEFAULT_RULES``).
       chunk_size: vocabulary-chunked log-probs (see ``config.model.logps_chunk_size``).
       seq_len: pad every batch to this length (default: the dataset's bucket for each batch).
 
@@ -646,6 +648,10 @@ def precompute_reference_logps(
     if mesh is not None:
         ways = shd.data_parallel_size(mesh)
         batch_size = -(-batch_size // ways) * ways
+        # The reference lives on the same mesh as the batches, sharded by the rules.
+        ref_params = shd.shard_params(
+            mesh, ref_params, model.param_axes, shd.DEFAULT_RULES if rules is None else rules
+        )
 
     @jax.jit
     def logps_fn(params, ids, attn, lmask):

@@ -1,0 +1,399 @@
+"""DPO-family train/eval steps: exact accumulation, reference handling, skips, variants, the bandit.
+
+Every expected value is computed independently of the step: log-probs from ``model.apply`` logits
+with a NumPy log-softmax, then the loss from ``prefjax.losses``; gradient checks use SGD without
+momentum so the parameter change after one step *is* ``-lr * grad``.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import common as config_common
+from prefjax import data, losses, models
+from prefjax import sharding as shd
+from prefjax.train import dpo, evaluation
+from prefjax.train.state import TrainState
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+TOK = models.ByteTokenizer()
+SEQ = 16
+
+
+def make_config(**algorithm):
+    config = config_common.base_config("dpo")
+    config.data.batch_size = 8
+    config.optimizer.name = "sgd"
+    config.optimizer.b1 = 0.0
+    config.optimizer.learning_rate = 0.5
+    config.optimizer.warmup_steps = 0
+    config.optimizer.schedule = "constant"
+    config.optimizer.clip_norm = 0.0
+    config.train.num_steps = 10
+    config.mesh = ml_collections.ConfigDict(
+        dict(data=1, fsdp=1, tensor=1, rules=shd.DEFAULT_RULES, distributed=False)
+    )
+    config.algorithm.update(algorithm)
+    return config
+
+
+@pytest.fixture(scope="module")
+def model():
+    base = models.from_preset("tiny", key=jax.random.key(0), **TINY)
+    return base
+
+
+@pytest.fixture(scope="module")
+def policy_params(model):
+    """A policy different from the reference (``model.params``), so no loss sits at log 2."""
+    noise = jax.tree.map(
+        lambda x: 0.02 * jax.random.normal(jax.random.key(7), x.shape, x.dtype), model.params
+    )
+    return jax.tree.map(jnp.add, model.params, noise)
+
+
+@pytest.fixture(scope="module")
+def pairwise():
+    ds = data.RepeatTask().pairwise_dataset(TOK, 16, seed=0)
+    return ds, data.collate(ds, np.arange(8), SEQ)
+
+
+@functools.lru_cache(maxsize=8)
+def _apply(model):
+    return jax.jit(lambda params, ids, attn, lora: model.apply(params, ids, attn, lora=lora))
+
+
+def np_logps(model, params, ids, attn, lmask, lora=None):
+    """Independent summed response log-probs: NumPy log-softmax of ``model.apply`` logits."""
+    logits = np.asarray(_apply(model)(params, ids, attn, lora), np.float64)[:, :-1]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, np.asarray(ids)[:, 1:, None], -1)[..., 0]
+    mask = np.asarray(lmask)[:, 1:]
+    return ((picked - logz) * mask).sum(-1), mask.sum(-1)
+
+
+def pair_logps(model, params, batch):
+    out = {}
+    for side in ("chosen", "rejected"):
+        out[side] = np_logps(
+            model,
+            params,
+            batch[f"{side}_input_ids"],
+            batch[f"{side}_attention_mask"],
+            batch[f"{side}_loss_mask"],
+        )
+    return out
+
+
+SINGLE = shd.single_device_mesh()
+
+
+_SETUPS = {}
+
+
+def cached_setup(config, model):
+    """One ``dpo.setup`` (and so one compilation) per distinct config in this module."""
+    key = (config.to_json_best_effort(), id(model))
+    if key not in _SETUPS:
+        _SETUPS[key] = dpo.setup(config, model, SINGLE, jax.random.key(1))
+    return _SETUPS[key]
+
+
+def run_one_step(config, model, params, batch):
+    """One jitted train step from ``params`` (a fresh state) on the single-device mesh."""
+    setup = cached_setup(config, model)
+    state = TrainState.create(params=jax.tree.map(jnp.copy, params), tx=setup.state.tx)
+    new_state, metrics = setup.train_step(state, batch, setup.frozen, jax.random.key(2))
+    return setup, new_state, jax.device_get(metrics)
+
+
+def max_tree_diff(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+# ----------------------------------------------------------------- accumulation, compile once
+
+
+def test_grad_accumulation_over_4_micro_batches_equals_one_batch(model, policy_params, pairwise):
+    _, batch = pairwise
+    _, one, m1 = run_one_step(make_config(beta=0.5), model, policy_params, batch)
+    config = make_config(beta=0.5)
+    config.optimizer.grad_accum_steps = 4
+    _, four, m4 = run_one_step(config, model, policy_params, batch)
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for name in ("rewards/accuracy", "rewards/margin", "logps/chosen", "length/rejected"):
+        np.testing.assert_allclose(m4[name], m1[name], rtol=1e-5, atol=1e-6)
+    assert max_tree_diff(four.params, one.params) < 1e-6
+    assert max_tree_diff(one.params, policy_params) > 1e-4  # the step did move
+
+
+def test_step_traces_once_and_skips_nonfinite_batches(model, pairwise):
+    ds, _ = pairwise
+    config = make_config()
+    config.optimizer.name = "adamw"
+    make = lambda m, c, **kw: chex.assert_max_traces(dpo.make_train_step(m, c, **kw), n=1)
+    setup = dpo.build_setup(
+        config, model, SINGLE, jax.random.key(1), make, dpo.make_eval_step, needs_frozen_copy=True
+    )
+    state = setup.state
+    losses_seen = []
+    for start in (0, 4, 8):  # three different batches of the same shape: one trace
+        batch = data.collate(ds, np.arange(start, start + 8), SEQ)
+        state, metrics = setup.train_step(state, batch, setup.frozen, jax.random.key(0))
+        losses_seen.append(float(metrics["loss"]))
+        assert float(metrics["train/skipped"]) == 0.0
+    assert int(state.step) == 3 and len(set(losses_seen)) == 3
+    # A batch whose loss is non-finite (here through a NaN in the reference weights) is skipped:
+    # params and AdamW moments unchanged, the step counted.
+    params_before = jax.device_get(state.params)
+    opt_before = jax.device_get(state.opt_state)
+    poisoned = jax.tree.map(lambda x: x.at[0].set(jnp.nan), setup.frozen)
+    state, metrics = setup.train_step(state, batch, poisoned, jax.random.key(0))
+    assert float(metrics["train/skipped"]) == 1.0
+    assert not np.isfinite(float(metrics["loss"]))
+    assert float(metrics["update_norm"]) == 0.0
+    assert max_tree_diff(state.params, params_before) == 0.0
+    assert max_tree_diff(state.opt_state, opt_before) == 0.0
+    assert int(state.step) == 4
+    state, metrics = setup.train_step(state, batch, setup.frozen, jax.random.key(0))
+    assert float(metrics["train/skipped"]) == 0.0
+    assert max_tree_diff(state.params, params_before) > 0.0
+    chex.clear_trace_counter()
+
+
+# ------------------------------------------------------------------------ reference handling
+
+
+def test_precomputed_reference_equals_live_reference(model, policy_params, pairwise):
+    ds, batch = pairwise
+    columns = dpo.precompute_reference_logps(model, model.params, ds, batch_size=8)
+    expected = pair_logps(model, model.params, data.collate(ds, np.arange(len(ds)), SEQ))
+    np.testing.assert_allclose(columns["ref_chosen_logps"], expected["chosen"][0], rtol=1e-5)
+    np.testing.assert_allclose(columns["ref_rejected_logps"], expected["rejected"][0], rtol=1e-5)
+    pre_batch = data.collate(ds.add_columns(**columns), np.arange(8), SEQ)
+    assert "ref_chosen_logps" in pre_batch
+    _, live, m_live = run_one_step(make_config(beta=0.5), model, policy_params, batch)
+    setup, pre, m_pre = run_one_step(
+        make_config(beta=0.5, reference="precomputed"), model, policy_params, pre_batch
+    )
+    assert setup.frozen is None  # no reference in memory
+    np.testing.assert_allclose(m_pre["loss"], m_live["loss"], rtol=1e-5)
+    assert max_tree_diff(pre.params, live.params) < 1e-5
+
+
+def test_lora_base_reference_equals_frozen_copy_of_base(model, pairwise):
+    _, batch = pairwise
+    lora = model.init_lora(jax.random.key(3), rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    # Trained-looking adapters: b is zero at init, so perturb every adapter matrix.
+    lora = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape, x.dtype), lora
+    )
+    lora_config = make_config(reference="lora_base", beta=0.5)
+    lora_config.model.lora.rank = 4
+    lora_eval = jax.jit(dpo.make_eval_step(model, lora_config))
+    out_lora = lora_eval(lora, batch, model.params)
+    # The same policy as plain merged weights, with a frozen *copy* of the base as reference.
+    merged = model.merge_lora(model.params, lora)
+    copy_eval = jax.jit(dpo.make_eval_step(model, make_config(reference="copy", beta=0.5)))
+    out_copy = copy_eval(merged, batch, jax.tree.map(jnp.copy, model.params))
+    for name in ("loss", "rewards/margin", "logps/chosen", "kl/logratio"):
+        np.testing.assert_allclose(out_lora[name][0], out_copy[name][0], rtol=2e-5, atol=1e-5)
+    # Independent: the loss from NumPy log-probs of the merged policy and the base.
+    pol, ref = pair_logps(model, merged, batch), pair_logps(model, model.params, batch)
+    expected = losses.dpo_loss(
+        pol["chosen"][0], pol["rejected"][0], ref["chosen"][0], ref["rejected"][0], beta=0.5
+    ).loss.sum()
+    np.testing.assert_allclose(out_lora["loss"][0], expected, rtol=1e-4)
+    assert abs(float(out_lora["rewards/margin"][0])) > 1e-4  # adapters changed the policy
+
+
+# ---------------------------------------------------------------------- every loss variant
+
+
+VARIANTS = [*sorted(losses.PAIRWISE_LOSSES), "orpo", "simpo"]
+
+
+def variant_algorithm(name):
+    algo = dict(loss=name, beta=0.3, reference="none" if name in ("orpo", "simpo") else "copy")
+    if name in ("robust", "sigmoid"):
+        algo["label_smoothing"] = 0.1
+    return algo
+
+
+@pytest.fixture(scope="module")
+def variant_outputs(model, policy_params, pairwise):
+    """Every variant's eval step in one jitted function (one compilation for all of them)."""
+    _, batch = pairwise
+    steps = {n: dpo.make_eval_step(model, make_config(**variant_algorithm(n))) for n in VARIANTS}
+
+    def all_variants(params, batch, ref):
+        return {
+            n: step(params, batch, None if n in ("orpo", "simpo") else ref)
+            for n, step in steps.items()
+        }
+
+    return jax.device_get(jax.jit(all_variants)(policy_params, batch, model.params))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_pairwise_variant_eval_loss_matches_independent(
+    name, variant_outputs, model, policy_params, pairwise
+):
+    _, batch = pairwise
+    algo = variant_algorithm(name)
+    out = variant_outputs[name]
+    pol = pair_logps(model, policy_params, batch)
+    (pc, nc), (pr, nr) = pol["chosen"], pol["rejected"]
+    if name == "orpo":
+        term = losses.orpo_loss(pc / nc, pr / nr, beta=0.3).loss
+        expected = (-(pc / nc) + term).sum()
+    elif name == "simpo":
+        expected = losses.simpo_loss(pc / nc, pr / nr, beta=0.3, gamma=0.5).loss.sum()
+    else:
+        ref = pair_logps(model, model.params, batch)
+        (rc, _), (rr, _) = ref["chosen"], ref["rejected"]
+        if name == "ipo":  # IPO takes length-averaged log-probs (as TRL)
+            pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+        kwargs = {"label_smoothing": algo["label_smoothing"]} if "label_smoothing" in algo else {}
+        expected = losses.PAIRWISE_LOSSES[name](pc, pr, rc, rr, beta=0.3, **kwargs).loss.sum()
+    np.testing.assert_allclose(float(out["loss"][0]), float(expected), rtol=1e-4, atol=1e-5)
+    assert float(out["loss"][1]) == 8.0
+    assert np.isfinite(float(out["rewards/accuracy"][0]))
+
+
+def test_listwise_eval_loss_matches_independent(model, policy_params):
+    ds = data.RepeatTask().listwise_dataset(TOK, 4, num_responses=3, seed=1)
+    batch = data.collate(ds, np.arange(4), SEQ)
+    eval_step = jax.jit(dpo.make_eval_step(model, make_config(loss="listwise", beta=0.2)))
+    out = eval_step(policy_params, batch, model.params)
+    flat = lambda x: np.asarray(x).reshape(12, SEQ)
+    args = [flat(batch[n]) for n in ("input_ids", "attention_mask", "loss_mask")]
+    pol = np_logps(model, policy_params, *args)[0].reshape(4, 3)
+    ref = np_logps(model, model.params, *args)[0].reshape(4, 3)
+    expected = losses.listwise_dpo_loss(pol, ref, beta=0.2, mask=batch["response_mask"]).loss
+    np.testing.assert_allclose(float(out["loss"][0]), float(expected.sum()), rtol=1e-4)
+
+
+def test_mismatched_pairs_for_kto_reference_point():
+    # Row 0: prompt [5, 6], response [7, 8]; row 1: prompt [9], response [10, 11, 12]; pad 0.
+    ids = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 0, 0]])
+    attn = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+    lmask = jnp.array([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]])
+    kl_ids, kl_attn, kl_lmask = dpo.mismatched_pairs(ids, attn, lmask)
+    np.testing.assert_array_equal(kl_ids, [[5, 6, 10, 11, 12, 0], [9, 7, 8, 0, 0, 0]])
+    np.testing.assert_array_equal(kl_attn, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(kl_lmask, [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
+    # Left padding gives the same mismatched (right-padded) sequences.
+    left = jnp.array([[0, 0, 5, 6, 7, 8], [0, 0, 9, 10, 11, 12]])
+    out = dpo.mismatched_pairs(left, jnp.roll(attn, 2, 1), jnp.roll(lmask, 2, 1))
+    np.testing.assert_array_equal(out[0], kl_ids)
+
+
+def test_kto_eval_loss_matches_independent(model, policy_params):
+    ds = data.RepeatTask().unpaired_dataset(TOK, 8, seed=2)
+    batch = data.collate(ds, np.arange(8), SEQ)
+    assert 0 < batch["label"].sum() < 8
+    config = make_config(loss="kto", beta=0.2, desirable_weight=1.5)
+    out = jax.jit(dpo.make_eval_step(model, config))(policy_params, batch, model.params)
+    args = [batch[n] for n in ("input_ids", "attention_mask", "loss_mask")]
+    kl_args = dpo.mismatched_pairs(*(jnp.asarray(a) for a in args))
+    pol, ref = np_logps(model, policy_params, *args)[0], np_logps(model, model.params, *args)[0]
+    z0 = max(
+        0.0,
+        float(
+            np.mean(
+                np_logps(model, policy_params, *kl_args)[0]
+                - np_logps(model, model.params, *kl_args)[0]
+            )
+        ),
+    )
+    expected = losses.kto_loss(pol, ref, batch["label"], z0, beta=0.2, desirable_weight=1.5).loss
+    np.testing.assert_allclose(float(out["loss"][0]), float(expected.sum()), rtol=1e-4)
+    np.testing.assert_allclose(float(out["kl/reference_point"][0]) / 8, z0, rtol=1e-4, atol=1e-6)
+
+
+def test_invalid_combinations_name_the_field(model):
+    with pytest.raises(ValueError, match=r"config\.algorithm\.loss='dpoo'"):
+        dpo.validate_config(make_config(loss="dpoo"))
+    with pytest.raises(ValueError, match=r"config\.algorithm\.reference='none'"):
+        dpo.validate_config(make_config(reference="none"))
+    with pytest.raises(ValueError, match=r"config\.algorithm\.reference='copy'.*reference-free"):
+        dpo.validate_config(make_config(loss="simpo", reference="copy"))
+    with pytest.raises(ValueError, match=r"lora_base' needs LoRA"):
+        dpo.validate_config(make_config(reference="lora_base"))
+    with pytest.raises(ValueError, match=r"config\.algorithm.*label_smoothing=0\.2"):
+        dpo.validate_config(make_config(loss="ipo", label_smoothing=0.2))
+    with pytest.raises(ValueError, match=r"precomputed' is not supported with loss='kto'"):
+        dpo.validate_config(make_config(loss="kto", reference="precomputed"))
+
+
+# ---------------------------------------------------------------------------- the bandit
+
+
+def population_batch(bandit):
+    """Every ordered pair of arms once, weighted by P(pair) * P(label): the population DPO loss.
+
+    With pairs drawn uniformly and Bradley-Terry labels at temperature 1, the expected loss over
+    the preference distribution is sum_{a != b} sigma(r_a - r_b) * loss(a > b) / #pairs. Its
+    minimiser over policies is exactly pi* ∝ pi_ref exp(r / beta) (DPO paper, Sec. 5), so the
+    trained policy must reach the closed form (not an empirical-frequency approximation of it).
+    """
+    k = bandit.num_arms
+    records, weights = [], []
+    for a in range(k):
+        for b in range(k):
+            if a != b:
+                records.append(
+                    {
+                        "prompt": bandit.prompts[0],
+                        "chosen": bandit.arms[a],
+                        "rejected": bandit.arms[b],
+                    }
+                )
+                weights.append(1.0 / (1.0 + np.exp(-(bandit.rewards[0, a] - bandit.rewards[0, b]))))
+    ds = data.tokenize(records, TOK, "pairwise", max_len=SEQ, append_eos=False)
+    batch = data.collate(ds, np.arange(len(ds)), SEQ)
+    # example_mask doubles as a per-example weight in the steps' sums and denominators.
+    batch["example_mask"] = np.asarray(weights, np.float32)
+    return batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+def test_dpo_on_bandit_converges_to_closed_form_optimum(beta, model):
+    bandit = data.Bandit.make(num_arms=4, seed=0, reward_scale=0.5)
+    ref_logprobs = evaluation.bandit_policy(model, model.params, bandit, TOK)
+    batch = population_batch(bandit)
+    config = make_config(beta=beta)
+    config.data.batch_size = 12
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 3e-3
+    config.train.num_steps = 250
+    setup = dpo.setup(config, model, SINGLE, jax.random.key(1))
+    start = evaluation.bandit_metrics(
+        model, model.params, bandit, TOK, beta, ref_logprobs=ref_logprobs
+    )
+    state = setup.state
+    for _ in range(config.train.num_steps):
+        state, metrics = setup.train_step(state, batch, setup.frozen, jax.random.key(0))
+    end = evaluation.bandit_metrics(
+        model, state.params, bandit, TOK, beta, ref_logprobs=ref_logprobs
+    )
+    print(
+        f"beta={beta}: KL(pi||pi*) {start['bandit/kl_to_optimum']:.4f} -> "
+        f"{end['bandit/kl_to_optimum']:.5f}"
+    )
+    assert start["bandit/kl_to_optimum"] > 0.005  # pi_ref is measurably off the optimum
+    assert end["bandit/kl_to_optimum"] < min(0.01, start["bandit/kl_to_optimum"] / 20)
+    np.testing.assert_allclose(
+        end["bandit/objective"], end["bandit/optimal_objective"], atol=0.01 * beta + 1e-3
+    )
