@@ -621,7 +621,10 @@ def from_pretrained(
     config = config_from_hf(hf, where=where, dtype=dtype, param_dtype=param_dtype, **overrides)
     src = _TensorSource(path)
     try:
-        params = _read_params(src, config, head)
+        # Read and convert on the host, whatever the default device; only the final parameters
+        # (below) go to the default device.
+        with jax.default_device(jax.devices("cpu")[0]):
+            params = _read_params(src, config, head)
     finally:
         src.close()
     unused = [

@@ -168,6 +168,12 @@ class Model:
         input_ids = jnp.asarray(input_ids)
         attention_mask = jnp.asarray(attention_mask)
         _check_tokens(input_ids, attention_mask, "Model.apply")
+        cfg = self.config
+        if cfg.position == "learned" and input_ids.shape[1] > cfg.max_positions:
+            raise ValueError(
+                f"Model.apply: sequence length {input_ids.shape[1]} exceeds the learned position "
+                f"table (TransformerConfig.max_positions={cfg.max_positions})"
+            )
         if positions is None:
             positions = tf.default_positions(attention_mask)
         variables = {"params": params}

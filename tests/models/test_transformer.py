@@ -256,8 +256,11 @@ def test_bad_inputs_are_reported(tiny):
         tiny.apply(tiny.params, np.zeros((2, 3), np.int32), np.ones((2, 4)))
     with pytest.raises(ValueError, match="integers"):
         tiny.apply(tiny.params, np.zeros((2, 3), np.float32), np.ones((2, 3)))
+    gpt2_like = pm.Model(pm.preset("tiny", **GPT2_TINY), None)
     with pytest.raises(ValueError, match="max_positions"):
-        pm.Model(pm.preset("tiny", **GPT2_TINY), None).init_cache(1, 1000)
+        gpt2_like.init_cache(1, 1000)
+    with pytest.raises(ValueError, match="max_positions=256"):
+        gpt2_like.apply(None, np.zeros((1, 300), np.int32), np.ones((1, 300)))
 
 
 def test_presets_shapes():
