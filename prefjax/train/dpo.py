@@ -552,6 +552,12 @@ def build_setup(
                 f"config.data.batch_size={batch_size} is not divisible by "
                 f"config.optimizer.grad_accum_steps={accum}."
             )
+        shd.check_batch_size(
+            int(batch_size) // accum,
+            mesh,
+            field=f"config.data.batch_size / config.optimizer.grad_accum_steps = "
+            f"{batch_size} / {accum} (the micro-batch)",
+        )
     if common.lora_rank(config) > 0:
         trainable = model.init_lora(
             key,

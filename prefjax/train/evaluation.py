@@ -47,7 +47,7 @@ def finalize_metrics(sums: Mapping[str, tuple[float, float]]) -> dict[str, float
     """``{name: sum / count}``, with the ``length_bias/*`` moments turned into a correlation.
 
     >>> sums = {"loss": (3.0, 4.0), "length_bias/x": (2.0, 2.0), "length_bias/y": (4.0, 2.0),
-    ...         "length_bias/xy": (10.0, 2.0), "length_bias/xx": (10.0, 2.0),
+    ...         "length_bias/xy": (8.0, 2.0), "length_bias/xx": (10.0, 2.0),
     ...         "length_bias/yy": (10.0, 2.0)}
     >>> {k: round(v, 3) for k, v in finalize_metrics(sums).items()}   # x=(3,-1), y=(3,1)
     {'loss': 0.75, 'length_bias/corr': 1.0}
