@@ -508,10 +508,6 @@ def from_preset(
     return Model.init(config, key, head=head)
 
 
-def _num_layers_of(params) -> int:
-    return int(jax.tree.leaves(params["layers"])[0].shape[0])
-
-
 def param_count(params: Params) -> int:
     """Total number of scalars in a pytree."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

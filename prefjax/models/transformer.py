@@ -586,6 +586,3 @@ class Transformer(nn.Module):
         if return_hidden:
             return hidden, cache
         return self.apply_head(hidden, attention_mask), cache
-
-
-Params = Any
