@@ -115,6 +115,15 @@ def test_merge_lora_equals_adapter_forward(tiny, lora, batch):
     )
 
 
+def test_cached_decoding_uses_the_adapters(tiny, lora, batch):
+    ids, mask = batch
+    trained = _random_b(lora, jax.random.key(10))
+    cache = tiny.init_cache(3, 8)
+    logits, _ = jax.jit(tiny.prefill)(tiny.params, ids, mask, cache, lora=trained)
+    adapted = _apply_with_lora(tiny)(tiny.params, ids, mask, trained)
+    np.testing.assert_allclose(logits, adapted, atol=2e-5, rtol=0)
+
+
 def test_lora_dropout_needs_a_key(tiny, batch):
     ids, mask = batch
     lora = _random_b(

@@ -135,6 +135,18 @@ def test_prefill_and_decode_step_logits(tiny, batch):
     np.testing.assert_allclose(step_logits, full[:, 8], atol=2e-5)
 
 
+def test_prefill_in_two_chunks_equals_one(tiny, batch):
+    ids, mask = batch
+    prefill = jax.jit(tiny.prefill)
+    cache = tiny.init_cache(3, 8)
+    first, cache = prefill(tiny.params, ids[:, :5], mask[:, :5], cache)
+    second, cache = prefill(tiny.params, ids[:, 5:], mask[:, 5:], cache)
+    full = jitted(tiny)(tiny.params, ids, mask)
+    chunked = np.concatenate([first, second], axis=1)
+    np.testing.assert_allclose(chunked[mask == 1], np.asarray(full)[mask == 1], atol=2e-5)
+    np.testing.assert_array_equal(cache.next_position, mask.sum(-1))
+
+
 def test_reward_head_reads_last_real_token(tiny):
     model = tiny.with_head("reward", key=jax.random.key(3))
     real = [5, 6, 7, 8, 9]
