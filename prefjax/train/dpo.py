@@ -15,7 +15,7 @@ What the step does, in order (``config.algorithm.loss`` picks the objective):
 
 Metrics (means over the batch): ``loss``; ``rewards/chosen``, ``rewards/rejected`` (implicit
 rewards ``beta * (log pi - log pi_ref)``), ``rewards/margin``, ``rewards/accuracy`` (fraction of
-pairs with chosen reward above rejected); ``logps/chosen``, ``logps/rejected`` (summed response
+pairs with chosen reward above rejected, ties counting one half); ``logps/chosen``, ``logps/rejected`` (summed response
 log-probs under the policy -- watch both fall together, the usual DPO failure);
 ``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
 responses); ``length/chosen``, ``length/rejected`` (response tokens); plus the norms and
@@ -190,7 +190,8 @@ def _pair_sums(
         "rewards/chosen": s(chosen_rewards),
         "rewards/rejected": s(rejected_rewards),
         "rewards/margin": s(margin),
-        "rewards/accuracy": s(margin > 0),
+        # Ties (policy == reference at step 0) count one half: accuracy starts at 0.5.
+        "rewards/accuracy": s((margin > 0) + 0.5 * (margin == 0)),
         "logps/chosen": s(policy_chosen),
         "logps/rejected": s(policy_rejected),
         "kl/logratio": s(0.5 * ((policy_chosen - ref_chosen) + (policy_rejected - ref_rejected))),

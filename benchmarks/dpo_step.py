@@ -1,0 +1,342 @@
+r"""Speed and memory of the jitted DPO train step: tokens/s, step time, MFU, peak memory.
+
+Times ``prefjax.train.dpo.setup(...).train_step`` -- the exact step the launchers run (one
+forward over chosen+rejected concatenated, frozen-copy or precomputed reference, AdamW, global-norm
+clipping) -- on random tokens of a fixed shape: ``batch_pairs`` pairs of ``seq_len`` tokens, the
+last ``seq_len - prompt_len`` of each being the response. The step time is the median over
+``--steps`` timed steps after two untimed (compiling) steps.
+
+MFU = ``k * N * tokens / step_time / peak`` with ``N`` the matmul parameters (all but the input
+embedding), ``tokens = 2 * batch_pairs * seq_len`` and ``k = 8`` (policy forward + backward = 6,
+reference forward = 2) for ``--reference=copy`` or ``k = 6`` for ``--reference=precomputed``; the
+peers (``../shared/peers``) count the same way. ``peak`` is 989e12 FLOP/s for an H100/H200 (dense
+bf16), 312e12 for an A100, else (CPU) a measured float32 matmul rate on this machine.
+
+With ``--torch`` the same step written in plain PyTorch on a Hugging Face ``LlamaForCausalLM`` of
+the same shape is timed in the same process (CPU or GPU), and the ratio printed; TRL's
+``DPOTrainer`` is timed by the peers' ``run.sh`` in the same device call (see README.md).
+
+Examples::
+
+    python -m benchmarks.dpo_step --preset=tiny --batch_pairs=8 --seq_len=128 --prompt_len=64 \
+        --dtype=float32 --torch
+    python -m benchmarks.dpo_step --preset=llama1b --vocab=32000 --batch_pairs=8 --seq_len=512 \
+        --prompt_len=256 --dtype=bfloat16 --attention=cudnn --chunked_logps=2048 --steps=10
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "tiny", "Model preset: tiny | gpt2 | llama1b.")
+flags.DEFINE_integer("batch_pairs", 8, "Preference pairs per step (2x sequences).")
+flags.DEFINE_integer("seq_len", 128, "Tokens per sequence (prompt + response).")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence (the rest is the response).")
+flags.DEFINE_integer("vocab", 0, "Vocabulary size override (0 = the preset's).")
+flags.DEFINE_enum(
+    "tie", "preset", ["preset", "true", "false"], "Tied input/output embeddings (peers: false)."
+)
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (params: f32).")
+flags.DEFINE_string("attention", "", "Attention implementation: '' (JAX chooses) | xla | cudnn.")
+flags.DEFINE_integer("chunked_logps", 0, "Tokens per vocabulary chunk of the log-probs (0 = off).")
+flags.DEFINE_enum("reference", "copy", ["copy", "precomputed"], "Reference handling.")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Activation rematerialisation.")
+flags.DEFINE_integer("steps", 10, "Timed steps (after 2 compiling steps).")
+flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (0 = by device kind / measured).")
+flags.DEFINE_bool("torch", False, "Also time the same step in plain PyTorch (transformers Llama).")
+flags.DEFINE_bool("torch_only", False, "Internal: time only the PyTorch step, print its JSON.")
+flags.DEFINE_string("json_out", "", "Write the results as JSON here (default: $OUT/dpo_step.json).")
+
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def measured_matmul_peak(jnp, jax, n: int = 1024, reps: int = 10) -> float:
+    """FLOP/s of a float32 ``n x n`` matmul on the default device (a CPU's practical peak)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
+
+
+def device_peak(jax, jnp) -> tuple[float, str]:
+    if FLAGS.peak_flops:
+        return FLAGS.peak_flops, "given"
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAKS.items():
+        if name in kind:
+            return peak, f"{name} dense bf16"
+    return measured_matmul_peak(jnp, jax), "measured f32 matmul (CPU)"
+
+
+def peak_memory_gb(jax) -> tuple[float, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 1e9, "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "host max RSS (process)"
+
+
+def make_batch(np, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    b, t, p = FLAGS.batch_pairs, FLAGS.seq_len, FLAGS.prompt_len
+    shape = (b, t)
+    loss_mask = np.zeros(shape, np.int32)
+    loss_mask[:, p:] = 1
+    batch = {}
+    prompt = rng.integers(3, vocab, (b, p), dtype=np.int32)
+    for side in ("chosen", "rejected"):
+        response = rng.integers(3, vocab, (b, t - p), dtype=np.int32)
+        batch[f"{side}_input_ids"] = np.concatenate([prompt, response], 1)
+        batch[f"{side}_attention_mask"] = np.ones(shape, np.int32)
+        batch[f"{side}_loss_mask"] = loss_mask
+    return batch
+
+
+def shape_overrides() -> dict:
+    out = {"vocab_size": FLAGS.vocab} if FLAGS.vocab else {}
+    if FLAGS.tie != "preset":
+        out["tie_embeddings"] = FLAGS.tie == "true"
+    return out
+
+
+def time_prefjax() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.configs import common as config_common
+    from prefjax import models
+    from prefjax import sharding as shd
+    from prefjax.train import dpo
+
+    overrides = {"dtype": jnp.dtype(FLAGS.dtype), "param_dtype": jnp.float32, "remat": FLAGS.remat}
+    overrides["attention_impl"] = FLAGS.attention or None
+    overrides.update(shape_overrides())
+    model = models.from_preset(FLAGS.preset, key=jax.random.key(0), **overrides)
+    cfg = model.config
+    config = config_common.base_config("dpo")
+    config.data.batch_size = FLAGS.batch_pairs
+    config.algorithm.reference = FLAGS.reference
+    config.model.logps_chunk_size = FLAGS.chunked_logps
+    config.optimizer.learning_rate = 1e-6
+    config.optimizer.warmup_steps = 0
+    config.optimizer.clip_norm = 1.0
+    config.train.num_steps = 1000
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    mesh = shd.make_mesh(config.mesh)
+    batch = make_batch(np, cfg.vocab_size)
+    if FLAGS.reference == "precomputed":
+        batch.update(
+            dpo.precompute_reference_logps(
+                model, model.params, [batch], mesh=mesh, chunk_size=FLAGS.chunked_logps
+            )
+        )
+    setup = dpo.setup(config, model, mesh, jax.random.key(1))
+    n_params = models.param_count(model.params)
+    # All but the input embedding (a tied embedding still does the output matmul).
+    n_matmul = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+    del model
+    sharded = setup.shard_batch(batch)
+    state = setup.state
+    t0 = time.perf_counter()
+    for _ in range(2):  # compile + one warm step
+        state, metrics = setup.train_step(state, sharded, setup.frozen, jax.random.key(0))
+        metrics["loss"].block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(FLAGS.steps):
+        t = time.perf_counter()
+        state, metrics = setup.train_step(state, sharded, setup.frozen, jax.random.key(0))
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tokens = 2 * FLAGS.batch_pairs * FLAGS.seq_len
+    k = 8 if FLAGS.reference == "copy" else 6
+    peak, peak_kind = device_peak(jax, jnp)
+    mem, mem_kind = peak_memory_gb(jax)
+    return {
+        "system": "prefjax",
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "n_params": n_params,
+        "n_matmul_params": n_matmul,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "model_flops_per_step": k * n_matmul * tokens,
+        "mfu": k * n_matmul * tokens / step_s / peak,
+        "mfu_8N": 8 * n_matmul * tokens / step_s / peak,
+        "peak_flops": peak,
+        "peak_kind": peak_kind,
+        "peak_mem_gb": mem,
+        "mem_kind": mem_kind,
+        "compile_and_first_step_s": compile_s,
+        "loss": float(metrics["loss"]),
+        "times": times,
+    }
+
+
+def time_torch(n_threads: int) -> dict:
+    """The same DPO step in plain PyTorch (the peers' torch_dpo.py logic at this shape)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefjax import models
+
+    cfg = models.preset(FLAGS.preset, **shape_overrides())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(n_threads)
+    dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+    lcfg = LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.mlp_dim,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=max(FLAGS.seq_len, 128),
+        tie_word_embeddings=cfg.tie_embeddings,
+        head_dim=cfg.resolved_head_dim,
+    )
+    lcfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(lcfg).to(device, dtype)
+    ref = LlamaForCausalLM(lcfg).to(device, dtype).eval()
+    ref.load_state_dict(policy.state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_matmul = n_params - policy.model.embed_tokens.weight.numel()
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
+    b, t, p = FLAGS.batch_pairs, FLAGS.seq_len, FLAGS.prompt_len
+    ids = torch.randint(3, cfg.vocab_size, (2 * b, t), device=device)
+    mask = torch.zeros(2 * b, t - 1, device=device)
+    mask[:, p - 1 :] = 1
+
+    def seq_logps(model):
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        lp = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(-1)
+        return (lp * mask).sum(-1)
+
+    def step():
+        with torch.no_grad():
+            r = seq_logps(ref)
+        pl = seq_logps(policy)
+        x = 0.1 * ((pl[:b] - r[:b]) - (pl[b:] - r[b:]))
+        loss = -F.logsigmoid(x).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    times = []
+    for _ in range(FLAGS.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens = 2 * b * t
+    return {
+        "system": f"pytorch-eager-{device}",
+        "torch": torch.__version__,
+        "n_matmul_params": n_matmul,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "times": times,
+    }
+
+
+def main(argv):
+    del argv
+    if FLAGS.prompt_len >= FLAGS.seq_len:
+        raise app.UsageError("--prompt_len must be smaller than --seq_len")
+    if FLAGS.torch_only:
+        print("TORCH_RESULT " + json.dumps(time_torch(os.cpu_count() or 1)))
+        return
+    results = {
+        "args": {
+            k: FLAGS[k].value
+            for k in (
+                "preset",
+                "batch_pairs",
+                "seq_len",
+                "prompt_len",
+                "vocab",
+                "dtype",
+                "attention",
+                "chunked_logps",
+                "reference",
+                "remat",
+                "steps",
+                "tie",
+            )
+        }
+    }
+    results["prefjax"] = time_prefjax()
+    r = results["prefjax"]
+    print(
+        f"prefjax  {r['device']}: {r['step_s'] * 1e3:.1f} ms/step, "
+        f"{r['tokens_per_s']:,.0f} tokens/s, "
+        f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.2f} TF/s ({r['peak_kind']}), "
+        f"peak memory {r['peak_mem_gb']:.2f} GB ({r['mem_kind']})",
+        flush=True,
+    )
+    if FLAGS.torch:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as err:
+            print(f"--torch: {err}; skipping the PyTorch comparison")
+        else:
+            # A separate process, so that neither runtime's thread pools slow the other.
+            argv = [a for a in sys.argv[1:] if not a.startswith(("--torch", "--json_out"))]
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.dpo_step", "--torch_only", *argv],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            line = [x for x in proc.stdout.splitlines() if x.startswith("TORCH_RESULT ")][-1]
+            results["torch"] = t = json.loads(line.split(" ", 1)[1])
+            ratio = r["tokens_per_s"] / t["tokens_per_s"]
+            results["ratio_prefjax_over_torch"] = ratio
+            print(
+                f"{t['system']}: {t['step_s'] * 1e3:.1f} ms/step, "
+                f"{t['tokens_per_s']:,.0f} tokens/s; "
+                f"prefjax / torch = {ratio:.2f}x",
+                flush=True,
+            )
+    out = FLAGS.json_out or (
+        os.path.join(os.environ["OUT"], "dpo_step.json") if "OUT" in os.environ else ""
+    )
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(
+        json.dumps({k: v for k, v in results["prefjax"].items() if k != "times"}), file=sys.stderr
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
