@@ -354,14 +354,23 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, field: str = "config.data.b
 
 
 def shard_batch(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Places a *global* host batch (same on every process) on the mesh, batch axis split."""
+    """Places a *global* host batch (the same on every process) on the mesh, batch axis split."""
     for name, value in batch.items():
         if np.ndim(value) and np.shape(value)[0] % data_parallel_size(mesh):
             raise ValueError(
                 f"batch[{name!r}] has leading size {np.shape(value)[0]}, not divisible by the "
                 f"data-parallel size {data_parallel_size(mesh)}."
             )
-    return jax.device_put(dict(batch), batch_sharding(mesh, dict(batch)))
+    shardings = batch_sharding(mesh, dict(batch))
+    if jax.process_count() == 1:
+        return jax.device_put(dict(batch), shardings)
+    # Every process holds the whole batch: each keeps the shards of its own devices.
+    return {
+        name: jax.make_array_from_process_local_data(
+            shardings[name], np.asarray(value), np.shape(value)
+        )
+        for name, value in batch.items()
+    }
 
 
 def make_global_batch(mesh: Mesh, local_batch: Mapping[str, Any]) -> dict[str, jax.Array]:

@@ -15,8 +15,9 @@ What the step does, in order (``config.algorithm.loss`` picks the objective):
 
 Metrics (means over the batch): ``loss``; ``rewards/chosen``, ``rewards/rejected`` (implicit
 rewards ``beta * (log pi - log pi_ref)``), ``rewards/margin``, ``rewards/accuracy`` (fraction of
-pairs with chosen reward above rejected, ties counting one half); ``logps/chosen``, ``logps/rejected`` (summed response
-log-probs under the policy -- watch both fall together, the usual DPO failure);
+pairs with chosen reward above rejected, ties counting one half); ``logps/chosen``,
+``logps/rejected`` (summed response log-probs under the policy -- watch both fall together, the
+usual DPO failure);
 ``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
 responses); ``length/chosen``, ``length/rejected`` (response tokens); plus the norms and
 ``train/skipped`` added by :func:`prefjax.train.common.make_update`.
@@ -691,7 +692,12 @@ def precompute_reference_logps(
                 mesh, {"ids": ids, "attn": attn, "lmask": lmask}
             )  # leading axis over data x fsdp
             ids, attn, lmask = placed["ids"], placed["attn"], placed["lmask"]
-        return np.asarray(logps_fn(ref_params, ids, attn, lmask))
+        out = logps_fn(ref_params, ids, attn, lmask)
+        if jax.process_count() > 1:  # gather the shards every process computed
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+        return np.asarray(out)
 
     chosen, rejected, listwise = [], [], []
     for batch in batches():
