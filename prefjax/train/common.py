@@ -153,6 +153,7 @@ def response_logps(
     *,
     lora: Any = None,
     chunk_size: int = 0,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs of the response tokens and their counts.
 
@@ -167,6 +168,7 @@ def response_logps(
       input_ids, attention_mask, loss_mask: ``[batch, seq]``.
       lora: LoRA adapters, or ``None`` for the plain model (the reference under ``lora_base``).
       chunk_size: 0 for full logits, else tokens per chunk.
+      key: PRNG key for LoRA dropout (training); ``None`` turns dropout off.
 
     Returns:
       ``(logps [batch] float32, num_tokens [batch] float32)``.
@@ -176,12 +178,12 @@ def response_logps(
     labels = input_ids[:, 1:]  # [batch, seq - 1]
     mask = loss_mask[:, 1:].astype(jnp.float32)
     if chunk_size:
-        hidden = model.hidden_states(params, input_ids, attention_mask, lora=lora)
+        hidden = model.hidden_states(params, input_ids, attention_mask, lora=lora, key=key)
         token_logps = losses.chunked_token_logprobs(
             hidden[:, :-1], model.unembedding(params), labels, chunk_size=chunk_size
         )
     else:
-        logits = model.apply(params, input_ids, attention_mask, lora=lora)
+        logits = model.apply(params, input_ids, attention_mask, lora=lora, key=key)
         token_logps = losses.token_logprobs(logits[:, :-1], labels)
     return jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1)
 

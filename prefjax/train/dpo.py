@@ -135,10 +135,10 @@ def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[...
     lora = common.lora_rank(config) > 0
     reference = get(config, "algorithm.reference", "copy")
 
-    def policy(params, frozen, ids, attn, lmask):
-        if lora:
+    def policy(params, frozen, ids, attn, lmask, key=None):
+        if lora:  # ``key`` switches LoRA dropout on (training only)
             return common.response_logps(
-                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk
+                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk, key=key
             )
         return common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk)
 
@@ -221,11 +221,10 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
         simpo_kwargs = _pairwise_kwargs(config, losses.simpo_loss)
 
     def fn(params, batch, frozen, key, denominators):
-        del key
         num = batch["chosen_input_ids"].shape[0]
         w = _example_weights(batch, num)
         ids, attn, lmask = _concat_pair(batch)
-        logps, counts = policy(params, frozen, ids, attn, lmask)  # [2 * batch]
+        logps, counts = policy(params, frozen, ids, attn, lmask, key)  # [2 * batch]
         # [2 * batch] -> 2 x [batch]
         pc, pr, nc, nr = logps[:num], logps[num:], counts[:num], counts[num:]
         if reference == "precomputed":
@@ -267,13 +266,12 @@ def _listwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
     policy, ref = _forwards(model, config)
 
     def fn(params, batch, frozen, key, denominators):
-        del key
         num, k, seq = batch["input_ids"].shape
         w = _example_weights(batch, num)
         # [batch, k, seq] -> [batch * k, seq]
         flat = lambda x: x.reshape(num * k, seq)
         ids, attn, lmask = (flat(batch[n]) for n in ("input_ids", "attention_mask", "loss_mask"))
-        logps, counts = policy(params, frozen, ids, attn, lmask)
+        logps, counts = policy(params, frozen, ids, attn, lmask, key)
         logps, counts = logps.reshape(num, k), counts.reshape(num, k)  # [batch * k] -> [batch, k]
         if reference == "precomputed":
             ref_logps = batch["ref_logps"].astype(jnp.float32)
@@ -356,7 +354,6 @@ def _kto_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]
     policy, ref = _forwards(model, config)
 
     def fn(params, batch, frozen, key, denominators):
-        del key
         num = batch["input_ids"].shape[0]
         w = _example_weights(batch, num)
         ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -365,7 +362,7 @@ def _kto_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]
         all_ids = jnp.concatenate([ids, kl_ids], 0)
         all_attn = jnp.concatenate([attn, kl_attn], 0)
         all_lmask = jnp.concatenate([lmask, kl_lmask], 0)
-        logps, counts = policy(params, frozen, all_ids, all_attn, all_lmask)
+        logps, counts = policy(params, frozen, all_ids, all_attn, all_lmask, key)
         ref_logps = ref(frozen, all_ids, all_attn, all_lmask)
         pol, pol_kl = logps[:num], logps[num:]
         rl, rl_kl = ref_logps[:num], ref_logps[num:]
@@ -494,7 +491,7 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
     def eval_step(params: Any, batch: Batch, frozen: Any) -> Metrics:
         den = denominators_fn(batch)
         ones = {k: jnp.ones_like(v) for k, v in den.items()}
-        loss_sum, sums = fn(params, batch, frozen, jax.random.key(0), ones)
+        loss_sum, sums = fn(params, batch, frozen, None, ones)  # key None: no dropout
         out = {"loss": (loss_sum, den["pairs"])}
         for name, value in sums.items():
             count = den["pairs"]

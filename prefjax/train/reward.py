@@ -171,7 +171,7 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
     def eval_step(params, batch, frozen):
         den = _denominators(batch)
-        loss_sum, sums = fn(params, batch, frozen, jax.random.key(0), {"pairs": 1.0})
+        loss_sum, sums = fn(params, batch, frozen, None, {"pairs": 1.0})
         out = {"loss": (loss_sum, den["pairs"])}
         out.update({name: (value, den["pairs"]) for name, value in sums.items()})
         return out

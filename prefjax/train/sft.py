@@ -41,13 +41,12 @@ def loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
     lora = common.lora_rank(config) > 0
 
     def fn(params, batch, frozen, key, denominators):
-        del key
         ids, attn, lmask = _fields(batch)
         w = _weights(batch, ids.shape[0])
         lmask = lmask * w[:, None].astype(lmask.dtype)
         if lora:
             logps, counts = common.response_logps(
-                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk
+                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk, key=key
             )
         else:
             logps, counts = common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk)
@@ -104,7 +103,7 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
     def eval_step(params, batch, frozen):
         den = _denominators(batch)
-        loss_sum, sums = fn(params, batch, frozen, jax.random.key(0), {"tokens": 1.0})
+        loss_sum, sums = fn(params, batch, frozen, None, {"tokens": 1.0})  # no dropout
         return {
             "loss": (loss_sum, den["tokens"]),
             "logps/sequence": (sums["logps/sequence"], den["examples"]),
