@@ -234,6 +234,10 @@ def variant_outputs(model, policy_params, pairwise):
     """Every variant's eval step in one jitted function (one compilation for all of them)."""
     _, batch = pairwise
     steps = {n: dpo.make_eval_step(model, make_config(**variant_algorithm(n))) for n in VARIANTS}
+    # The vocabulary-chunked log-probs (config.model.logps_chunk_size) must give the same loss.
+    chunked = make_config(**variant_algorithm("sigmoid"))
+    chunked.model.logps_chunk_size = 24
+    steps["sigmoid_chunked"] = dpo.make_eval_step(model, chunked)
 
     def all_variants(params, batch, ref):
         return {
@@ -268,6 +272,12 @@ def test_pairwise_variant_eval_loss_matches_independent(
     np.testing.assert_allclose(float(out["loss"][0]), float(expected), rtol=1e-4, atol=1e-5)
     assert float(out["loss"][1]) == 8.0
     assert np.isfinite(float(out["rewards/accuracy"][0]))
+
+
+def test_chunked_logps_equal_full_logits(variant_outputs):
+    full, chunked = variant_outputs["sigmoid"], variant_outputs["sigmoid_chunked"]
+    for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margin"):
+        np.testing.assert_allclose(float(chunked[name][0]), float(full[name][0]), rtol=1e-5)
 
 
 def test_listwise_eval_loss_matches_independent(model, policy_params):
