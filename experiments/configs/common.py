@@ -98,6 +98,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     data.max_len = 32
     # Maximum prompt tokens; longer prompts keep their end.
     data.max_prompt_len = 16
+    # Pad every batch to max_len (one compiled shape) instead of the smallest power-of-two bucket
+    # that fits (a few compiled shapes, less padding: better for long, varied sequences).
+    data.pad_to_max_len = True
     # Global batch size per optimiser step, in examples (pairs for preference data).
     data.batch_size = 16
     # Global batch size of evaluation, in examples.
@@ -108,6 +111,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     data.num_eval = 256
     # Built-in tasks: probability-scale of label noise (0 = labels always follow the gold reward).
     data.label_noise = 0.0
+    # Built-in tasks, SFT data: "chosen" (the preferred side of the task's labelled pairs) or
+    # "base" (samples of the task's base policy, the distribution the pairs are drawn from).
+    data.sft_responses = "chosen"
     # Seed of task generation and of the shuffling order of batches.
     data.seed = 0
 
@@ -375,6 +381,7 @@ def validate(config, num_devices: int | None = None) -> None:
             _fail("data.label_noise", data.label_noise, "must be in [0, 1]")
     if data.task == "bandit" and name == "sft":
         _fail("data.task", data.task, "the bandit has no responses to imitate; use 'sequence'")
+    _choice(config, "data.sft_responses", ("chosen", "base"))
     if not 0.0 < data.eval_fraction < 1.0:
         _fail("data.eval_fraction", data.eval_fraction, "must be in (0, 1)")
     _positive(config, "data.max_len")
@@ -516,6 +523,7 @@ def apply_model_preset(config, preset: str) -> None:
         config.optimizer.grad_accum_steps = 4
         config.mesh.data, config.mesh.fsdp = 1, -1
     config.data.task = "files"
+    config.data.pad_to_max_len = False
     config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.0
     config.train.num_steps = 2000

@@ -40,10 +40,16 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         "log-probs (held-out, per sequence)",
         (("eval/logps/chosen", "chosen"), ("eval/logps/rejected", "rejected")),
     ),
-    ("KL to the reference (nats / sequence)", (("eval/kl", "held-out responses"),)),
+    (
+        "KL to the reference (nats / sequence)",
+        (("eval/kl", "sampled, held-out prompts"), ("eval/kl/logratio", "on held-out pairs")),
+    ),
     (
         "gold reward of greedy responses",
-        (("eval/gold_reward", "policy"), ("eval/gold_reward_reference", "reference")),
+        (
+            ("eval/gold_reward", "held-out prompts"),
+            ("eval/gold_reward_train_prompts", "train prompts"),
+        ),
     ),
     ("KL(pi_theta || pi*) (bandit)", (("eval/kl_to_optimal", "held-out prompts"),)),
     (
@@ -69,7 +75,7 @@ SUMMARY_METRICS = (
     "eval/logps/rejected",
     "eval/kl",
     "eval/gold_reward",
-    "eval/gold_reward_reference",
+    "eval/gold_reward_train_prompts",
     "eval/kl_to_optimal",
     "eval/length/generated",
     "train/skipped_total",
@@ -150,11 +156,35 @@ def _nonfinite(v) -> bool:
     return isinstance(v, float) and not math.isfinite(v)
 
 
+# Metrics shown on the console (everything goes to metrics.jsonl and TensorBoard).
+CONSOLE_METRICS = (
+    "loss",
+    "perplexity",
+    "rewards/accuracy",
+    "rewards/margin",
+    "kl/logratio",
+    "grad_norm",
+    "learning_rate",
+    "train/skipped_total",
+    "steps_per_second",
+    "eval/loss",
+    "eval/perplexity",
+    "eval/rewards/accuracy",
+    "eval/rewards/margin",
+    "eval/kl",
+    "eval/gold_reward",
+    "eval/gold_reward_train_prompts",
+    "eval/length/generated",
+    "eval/kl_to_optimal",
+)
+
+
 def format_line(step: int, values: Mapping[str, float], split: str) -> str:
     """``[train] step 40 | loss 0.612 | rewards/accuracy 0.750 | ...`` (a handful of keys)."""
     parts = [f"[{split}] step {step}"]
-    for name, value in values.items():
-        parts.append(f"{name} {value:.4g}")
+    for name in CONSOLE_METRICS:
+        if name in values:
+            parts.append(f"{name.removeprefix('eval/')} {values[name]:.4g}")
     return " | ".join(parts)
 
 

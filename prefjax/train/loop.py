@@ -1,0 +1,384 @@
+"""The training loop every algorithm shares: build, resume, train, evaluate, checkpoint, report.
+
+``prefjax.train.<algo>.run(config, workdir)`` calls :func:`run` with its own module, which must
+provide ``setup(config, model, mesh, key) -> Setup`` (see :mod:`prefjax.train.common`) and, for
+``algorithm.reference="precomputed"``, ``precompute_reference_logps``. In order, :func:`run`
+
+1. validates the config (naming the bad field) and writes ``<workdir>/config.json``;
+2. builds the mesh, the model (preset or local HF folder; LoRA), and the initial policy params --
+   from ``model.init_from`` (another run's checkpoint) or from an SFT warm-up stage run by this
+   same loop in ``<workdir>/sft_warmup`` when ``config.sft_warmup.num_steps > 0``;
+3. builds the train/eval datasets (:mod:`prefjax.train.inputs`), adds precomputed reference
+   log-probs when asked, and calls the algorithm's ``setup``;
+4. resumes from the newest complete checkpoint in ``<workdir>/checkpoints`` (train state *and*
+   data-iterator position), or evaluates the initial policy at step 0 on a fresh run;
+5. trains ``train.num_steps`` steps with a progress bar, console/JSONL/TensorBoard metrics every
+   ``train.log_every`` steps, held-out evaluation every ``train.eval_every`` steps, periodic
+   checkpoints, non-finite handling (``skip`` counts, ``stop`` checkpoints and raises
+   :class:`NonFiniteError`), and a checkpoint-then-exit on SIGTERM/SIGINT (preemption);
+6. at the end writes the final checkpoint, ``curves.png``, ``summary.txt`` and, when
+   ``export.hf``, the trained policy (LoRA merged) as a Hugging Face folder.
+
+Step ``s`` in every record means "after ``s`` optimiser steps"; a resumed run continues the same
+``metrics.jsonl`` (records written after the checkpoint it resumes from are dropped first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from prefjax import sharding
+from prefjax.train import checkpointing, inputs
+from prefjax.train import logging as metric_logging
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on a non-finite loss or gradient (``train.nonfinite="stop"``)."""
+
+
+class RunResult(NamedTuple):
+    """What :func:`run` returns.
+
+    Attributes:
+      state: the final (or last checkpointed) ``TrainState``.
+      step: optimiser steps taken.
+      status: ``"finished"`` | ``"preempted"`` (SIGTERM/SIGINT or ``stop_after_steps``).
+      eval_metrics: the last held-out evaluation (``eval/...`` names), ``{}`` if none.
+      workdir: the absolute run directory.
+      setup: the algorithm's ``Setup`` (model, frozen pytree, jitted steps).
+    """
+
+    state: Any
+    step: int
+    status: str
+    eval_metrics: dict
+    workdir: str
+    setup: Any
+
+
+class _StopRequest:
+    """Set by SIGTERM / SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal_name == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = name
+        print(f"\n{name} received: writing a checkpoint, then stopping.", flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals can only be handled on the main thread
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _mean_records(records: list[Mapping[str, float]]) -> dict[str, float]:
+    """Means over the steps of a logging window; skipped steps only count towards skip totals."""
+    kept = [r for r in records if not r.get("train/skipped", 0.0)]
+    out: dict[str, float] = {}
+    for name in kept[0] if kept else ():
+        if name == "train/skipped":
+            continue
+        out[name] = float(np.mean([r[name] for r in kept if name in r]))
+    out["train/skipped"] = float(sum(r.get("train/skipped", 0.0) for r in records))
+    return out
+
+
+def _nonfinite_names(metrics: Mapping[str, float]) -> list[str]:
+    return [k for k, v in metrics.items() if k != "train/skipped" and not math.isfinite(float(v))]
+
+
+def evaluate(setup, params, eval_data: inputs.EvalData, config) -> dict[str, float]:
+    """Held-out metrics of ``params``: the eval step averaged exactly over the eval split, plus
+    the generation / closed-form metrics of the built-in tasks (``eval/`` names)."""
+    from prefjax.train import evaluation
+
+    sums: dict[str, Any] = {}
+    for i, batch in enumerate(eval_data.batches()):
+        if config.eval.num_batches and i >= config.eval.num_batches:
+            break
+        out = setup.eval_step(params, setup.shard_batch(batch), setup.frozen)
+        sums = evaluation.merge_metric_sums(sums, out)
+    metrics = {f"eval/{k}": v for k, v in sorted(evaluation.finalize_metrics(sums).items())}
+    metrics.update(inputs.task_metrics(evaluation, setup, params, eval_data, config))
+    return metrics
+
+
+def _sft_warmup_config(config) -> ml_collections.ConfigDict:
+    """The SFT stage run before DPO when ``config.sft_warmup.num_steps > 0`` (same model/data)."""
+    warm = ml_collections.ConfigDict(config.to_dict())
+    del warm["sft_warmup"]
+    warm.algorithm.name = "sft"
+    warm.algorithm.loss = "sft"
+    warm.algorithm.reference = "none"
+    warm.optimizer.learning_rate = config.sft_warmup.learning_rate
+    warm.train.num_steps = config.sft_warmup.num_steps
+    warm.optimizer.warmup_steps = min(config.optimizer.warmup_steps, warm.train.num_steps)
+    warm.train.eval_every = 0
+    warm.export.hf = False
+    warm.logging.plot = False
+    warm.checkpoint.every = 0
+    return warm
+
+
+def _initial_params(config, model, tokenizer, workdir: str, is_main: bool):
+    """Policy params before training: init_from checkpoint, SFT warm-up, or the model's own."""
+    if config.model.init_from:
+        params = checkpointing.restore_params(config.model.init_from)
+        expected = jax.tree.structure(model.params)
+        if jax.tree.structure(params) != expected:
+            raise ValueError(
+                f"config.model.init_from={config.model.init_from!r}: its params do not match "
+                f"the model built from config.model (was it a LoRA or reward-model run?)"
+            )
+        return params
+    warm_steps = config.get("sft_warmup", {}).get("num_steps", 0) if "sft_warmup" in config else 0
+    if warm_steps:
+        from prefjax.train import sft
+
+        warm_config = _sft_warmup_config(config)
+        warm_dir = os.path.join(workdir, "sft_warmup")
+        if is_main:
+            print(f"SFT warm-up: {warm_steps} steps in {warm_dir}", flush=True)
+        result = run(warm_config, warm_dir, sft, _stage="sft warm-up", _model=(model, tokenizer))
+        if result.status != "finished":
+            raise _Preempted(result)
+        return jax.device_get(result.setup.policy_params(result.state.params, result.setup.frozen))
+    return None
+
+
+class _Preempted(Exception):
+    def __init__(self, result):
+        super().__init__("preempted during the warm-up stage")
+        self.result = result
+
+
+def run(
+    config,
+    workdir: str,
+    algorithm,
+    *,
+    stop_after_steps: int | None = None,
+    step_hook: Callable[[int, Any, dict], None] | None = None,
+    _stage: str = "",
+    _model=None,
+) -> RunResult:
+    """Trains ``algorithm`` as ``config`` says, in ``workdir``; see the module docstring.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` from ``experiments/configs/``.
+      workdir: run directory (created; resumed from when it holds checkpoints).
+      algorithm: the module (or object) with ``setup`` (e.g. ``prefjax.train.dpo``).
+      stop_after_steps: stop as on SIGTERM (checkpoint, status "preempted") after this many steps
+        of this invocation; for time-sliced jobs and tests.
+      step_hook: called as ``hook(step, state, metrics)`` after every step (host metrics).
+
+    Returns:
+      A :class:`RunResult`.
+
+    Raises:
+      experiments.configs.common.ConfigError: a config field is invalid (named in the message).
+      NonFiniteError: ``train.nonfinite="stop"`` and a step was non-finite (after checkpointing).
+    """
+    from experiments.configs import common
+
+    common.validate(config, jax.device_count())
+    derived = common.derived(config, jax.device_count(), workdir)
+    workdir = derived.workdir
+    is_main = jax.process_index() == 0
+    tag = f"[{_stage}] " if _stage else ""
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(_config_json(config), f, indent=2, sort_keys=True)
+    stop = _StopRequest()
+
+    mesh = sharding.make_mesh(config.mesh)
+    key = jax.random.key(config.seed)
+    model_key, setup_key, step_key = jax.random.split(key, 3)
+    if _model is not None:  # a stage of a larger run shares the model (and its compiled code)
+        model, tokenizer = _model
+    else:
+        model, tokenizer = inputs.build_model(config, model_key, head=derived.head)
+    try:
+        params = _initial_params(config, model, tokenizer, workdir, is_main)
+    except _Preempted as p:
+        return p.result._replace(workdir=workdir)
+    if params is not None:
+        model = inputs.with_params(model, params)
+
+    data = inputs.build_data(config, tokenizer, derived.batch_kind)
+    if is_main:
+        print(f"{tag}data: {data.description}", flush=True)
+    if config.algorithm.reference == "precomputed":
+        t0 = time.time()
+        inputs.add_reference_logps(algorithm, config, model, mesh, data)
+        if is_main:
+            print(f"{tag}reference log-probs precomputed in {time.time() - t0:.1f}s", flush=True)
+
+    setup = algorithm.setup(config, model, mesh, setup_key)
+    inputs.prepare_task_eval(setup, model, data.eval, config)
+    train_iter = data.train_iterator()
+    ckpt = None
+    if config.checkpoint.enabled:
+        ckpt = checkpointing.Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.checkpoint.keep,
+            every=config.checkpoint.every,
+        )
+    state, start = setup.state, 0
+    restored = ckpt.restore_latest(setup.state) if ckpt else None
+    if restored is not None:
+        state, start = restored.state, restored.step
+        train_iter.set_state(restored.data_state)
+        if is_main:
+            print(f"{tag}resumed from step {start} ({restored.meta.get('reason')})", flush=True)
+
+    num_steps = config.train.num_steps
+    progress = metric_logging.Progress(
+        num_steps, start, enabled=is_main and config.logging.progress, desc=_stage or "train"
+    )
+    writer = metric_logging.MetricWriter(
+        workdir,
+        tensorboard=config.logging.tensorboard,
+        enabled=is_main,
+        print_fn=progress.write,
+    )
+    writer.truncate_after(start)
+    config_json = _config_json(config)
+
+    def save(step, reason):
+        if ckpt is not None:
+            ckpt.save(step, state, train_iter.get_state(), config_json, reason=reason)
+
+    eval_metrics: dict = {}
+    if start == 0 and config.train.eval_every:
+        eval_metrics = evaluate(setup, state.params, data.eval, config)
+        writer.write(0, eval_metrics, split="eval")
+
+    status, step, window = "finished", start, []
+    skipped_total = _skipped_before(writer.path, start) if is_main else 0
+    t_start, steps_run = time.time(), 0
+    try:
+        with stop.installed():
+            for step in range(start + 1, num_steps + 1):
+                batch = setup.shard_batch(next(train_iter))
+                state, metrics = setup.train_step(state, batch, setup.frozen, step_key)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                steps_run += 1
+                bad = _nonfinite_names(metrics)
+                if metrics.get("train/skipped", 0.0) or bad:
+                    metrics["train/skipped"] = 1.0
+                    skipped_total += 1
+                    if config.train.nonfinite == "stop":
+                        save(step, "nonfinite")
+                        if ckpt:
+                            ckpt.wait()
+                        names = ", ".join(f"{n}={metrics[n]}" for n in bad) or "loss/gradient"
+                        raise NonFiniteError(
+                            f"step {step}: non-finite {names} (train.nonfinite='stop'). The "
+                            f"weights were not updated by this batch; the last good state is "
+                            f"checkpointed at step {step} in {workdir}/checkpoints."
+                        )
+                    progress.write(
+                        f"step {step}: non-finite {', '.join(bad) or 'loss/gradient'}; "
+                        f"batch skipped (skipped so far: {skipped_total})"
+                    )
+                window.append(metrics)
+                if step_hook is not None:
+                    step_hook(step, state, metrics)
+                progress.update(1, loss=metrics.get("loss", float("nan")))
+                if step % config.train.log_every == 0 or step == num_steps:
+                    record = _mean_records(window)
+                    record["train/skipped_total"] = float(skipped_total)
+                    record["steps_per_second"] = steps_run / max(time.time() - t_start, 1e-9)
+                    writer.write(step, record)
+                    window = []
+                evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
+                if evaluate_now or (step == num_steps and not _stage):
+                    eval_metrics = evaluate(setup, state.params, data.eval, config)
+                    writer.write(step, eval_metrics, split="eval")
+                if step == num_steps:
+                    save(step, "final")
+                elif ckpt is not None and ckpt.should_save(step):
+                    save(step, "periodic")
+                if stop.signal_name or (stop_after_steps and steps_run >= stop_after_steps):
+                    status = "preempted"
+                    save(step, f"stopped ({stop.signal_name or 'stop_after_steps'})")
+                    break
+    finally:
+        progress.close()
+        if ckpt is not None:
+            ckpt.close()
+        writer.close()
+    if start >= num_steps:
+        step = start
+
+    if is_main and status == "preempted":
+        print(
+            f"{tag}stopped at step {step}; checkpoint written. Run the same command to resume.",
+            flush=True,
+        )
+    if is_main and status == "finished" and not _stage:
+        _report(config, workdir, derived, setup, state)
+    return RunResult(state, step, status, eval_metrics, workdir, setup)
+
+
+def _skipped_before(metrics_path: str, step: int) -> int:
+    if not os.path.exists(metrics_path):
+        return 0
+    totals = [
+        r.get("train/skipped_total", 0.0)
+        for r in metric_logging.read_records(metrics_path)
+        if r.get("step", 0) <= step and "train/skipped_total" in r
+    ]
+    return int(totals[-1]) if totals else 0
+
+
+def _report(config, workdir, derived, setup, state) -> None:
+    """End of run: curves, summary table, optional Hugging Face export."""
+    records = metric_logging.read_records(os.path.join(workdir, "metrics.jsonl"))
+    title = f"{config.algorithm.name} ({config.algorithm.loss}) on {config.data.task}"
+    if config.logging.plot:
+        path = metric_logging.plot_curves(records, os.path.join(workdir, "curves.png"), title=title)
+        if path:
+            print(f"curves: {path}")
+    table = metric_logging.summary_table(records)
+    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+        f.write(title + "\n" + table + "\n")
+    print(table, flush=True)
+    if derived.export_dir:
+        from prefjax import models
+
+        params = jax.device_get(setup.policy_params(state.params, setup.frozen))
+        models.save_pretrained(setup.model, params, derived.export_dir)
+        print(f"exported the trained policy (Hugging Face format) to {derived.export_dir}")
+    print(f"workdir: {workdir}", flush=True)
