@@ -282,7 +282,7 @@ for ax, i in zip(axes, (small, good), strict=True):
     ax.plot(proxy_curve[i] - proxy_curve[i, 0], label="proxy reward (what is optimised)")
     ax.plot(gold_curve[i] - gold_curve[i, 0], label="gold reward (what we wanted)")
     ax.axhline(0, color="0.8", lw=1)
-    ax.set(xlabel="RLHF step", title=f"beta = {float(betas[i])}: final KL {kl_curve[i, -1]:.2f}")
+    ax.set(xlabel="RLHF step", title=f"beta = {float(betas[i]):g}: final KL {kl_curve[i, -1]:.2f}")
 axes[0].set_ylabel("change since the reference policy")
 axes[0].legend(fontsize=8)
 plt.tight_layout()
