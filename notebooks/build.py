@@ -46,6 +46,8 @@ def kernel_env() -> dict[str, str]:
 def read_source(path: pathlib.Path) -> nbformat.NotebookNode:
     """The notebook of a percent-format ``.py`` file (no outputs)."""
     nb = jupytext.read(path, fmt="py:percent")
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: a rebuild changes only what really changed
     nb.metadata["kernelspec"] = {
         "name": "python3",
         "display_name": "Python 3",
