@@ -20,7 +20,7 @@ flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir_def
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    return launch.main(FLAGS.config, FLAGS.workdir, dpo.run)
+    launch.main(FLAGS.config, FLAGS.workdir, dpo.run)
 
 
 if __name__ == "__main__":

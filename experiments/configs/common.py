@@ -93,7 +93,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Held-out files; "" = split train_files by prompt with eval_fraction.
     data.eval_files = ""
     # Fraction of prompts held out for evaluation when eval_files is "" (grouped by prompt).
-    data.eval_fraction = 0.1
+    data.eval_fraction = 0.2
     # Maximum tokens per sequence (prompt + response), including EOS.
     data.max_len = 32
     # Maximum prompt tokens; longer prompts keep their end.
@@ -109,6 +109,10 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     data.num_train = 2048
     # Examples (pairs) generated for the built-in tasks' held-out split (disjoint prompts).
     data.num_eval = 256
+    # Sequence task: letters that prompts ask for, and the largest requested count ("c*n=" asks
+    # for n copies of c); len(letters) * max_count distinct prompts.
+    data.sequence_letters = "abcdefgh"
+    data.sequence_max_count = 8
     # Built-in tasks: probability-scale of label noise (0 = labels always follow the gold reward).
     data.label_noise = 0.0
     # Built-in tasks, SFT data: "chosen" (the preferred side of the task's labelled pairs) or
@@ -187,6 +191,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     ev.generate = algorithm != "reward"
     # Prompts decoded per evaluation.
     ev.num_prompts = 64
+    # Responses sampled (temperature 1) over the held-out prompts per evaluation: their mean gold
+    # reward is what the KL-regularised objective maximises; the sampled KL uses the same samples.
+    ev.num_samples = 64
     # Maximum new tokens per decoded response.
     ev.max_new_tokens = 16
 
@@ -479,6 +486,7 @@ def validate(config, num_devices: int | None = None) -> None:
     _positive(config, "eval.num_batches", zero_ok=True)
     _positive(config, "eval.num_prompts")
     _positive(config, "eval.max_new_tokens")
+    _positive(config, "eval.num_samples")
     _positive(config, "checkpoint.every", zero_ok=True)
     _positive(config, "checkpoint.keep")
     if config.export.hf and name == "reward":

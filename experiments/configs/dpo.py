@@ -40,9 +40,9 @@ def get_config(arg=None):
     # A key of prefjax.losses.PAIRWISE_LOSSES ("sigmoid" is DPO), or "listwise" | "kto" | "orpo"
     # | "simpo" (these two need algorithm.reference="none").
     config.algorithm.loss = "sigmoid"
-    config.algorithm.beta = 0.1
+    config.algorithm.beta = 0.5
     config.algorithm.reference = "copy"
-    config.optimizer.learning_rate = 1e-3
+    config.optimizer.learning_rate = 3e-4
     config.train.num_steps = 200
     config.train.eval_every = 50
     config.checkpoint.every = 100
@@ -52,6 +52,9 @@ def get_config(arg=None):
     warm.num_steps = 200
     # Peak learning rate of the warm-up (same optimiser and schedule shape as the DPO phase).
     warm.learning_rate = 3e-3
+    # The warm-up imitates the task's base policy, the distribution the preference pairs were
+    # sampled from, so the reference is the policy that generated the data (DPO's assumption).
+    config.data.sft_responses = "base"
 
     common.apply_model_preset(config, preset)
     if preset != "tiny":

@@ -63,6 +63,7 @@ class EvalData:
     prompts: Any = None  # left-padded batch of distinct held-out prompts, then train prompts
     num_eval_prompts: int = 0  # how many of `prompts` are held-out prompts
     num_train_prompts: int = 0  # how many train prompts follow them
+    sample_prompts: Any = None  # held-out prompts repeated to eval.num_samples rows (sampling)
     ref_bandit_logprobs: Any = None  # [P, K] the initial policy over the bandit's arms
 
     def batches(self) -> Iterator[dict]:
@@ -129,7 +130,11 @@ def _make_task(config):
     noise = float(config.data.label_noise)
     if config.data.task == "bandit":
         return pdata.Bandit.make(seed=config.data.seed, flip_prob=noise)
-    return pdata.RepeatTask(flip_prob=noise)
+    return pdata.RepeatTask(
+        letters=config.data.sequence_letters,
+        max_count=config.data.sequence_max_count,
+        flip_prob=noise,
+    )
 
 
 def _task_split(config, task, kind: str):
@@ -201,6 +206,7 @@ def build_data(config, tokenizer, kind: str) -> Data:
     """Train and held-out data of ``kind`` from ``config.data``."""
     d = config.data
     task, prompts, num_eval_prompts, num_train_prompts = None, None, 0, 0
+    sample_prompts = None
     if d.task == "files":
         train_records = _read_files(d.train_files, kind, config, tokenizer, "train_files")
         if d.eval_files:
@@ -228,6 +234,10 @@ def build_data(config, tokenizer, kind: str) -> Data:
             trp = sorted(set(task.prompts) - held_out)[:n] if held_out else []
             num_eval_prompts, num_train_prompts = len(evp), len(trp)
             prompts = _prompt_batch(evp + trp, tokenizer, config)
+            reps = -(-config.eval.num_samples // len(evp))
+            sample_prompts = _prompt_batch(
+                (evp * reps)[: config.eval.num_samples], tokenizer, config
+            )
     train = _tokenize(train_records, tokenizer, kind, config, append_eos=append_eos)
     held = _tokenize(eval_records, tokenizer, kind, config, append_eos=append_eos)
     leak = set(train["prompt_id"]) & set(held["prompt_id"])
@@ -249,6 +259,7 @@ def build_data(config, tokenizer, kind: str) -> Data:
             prompts,
             num_eval_prompts,
             num_train_prompts,
+            sample_prompts,
         ),
         batch_size=d.batch_size,
         seed=d.seed,
@@ -324,16 +335,32 @@ def task_metrics(evaluation, setup, params, eval_data: EvalData, config, key=Non
         }
     if eval_data.prompts is not None:
         out.update(_gold(evaluation, model, base, lora, task, tokenizer, eval_data, config))
+    key = jax.random.key(config.seed) if key is None else key
+    if eval_data.sample_prompts is not None:
+        sampled = evaluation.gold_reward_of_generations(
+            model,
+            base,
+            task,
+            tokenizer,
+            eval_data.sample_prompts,
+            max_new_tokens=config.eval.max_new_tokens,
+            greedy=False,
+            key=key,
+            lora=lora,
+            prefix="sampled",
+        )
+        out["eval/gold_reward_sampled"] = sampled["sampled/reward"]
+        out["eval/length/sampled"] = sampled["sampled/length/mean"]
     ref = _reference_params(setup, config)
-    if ref is not None and eval_data.prompts is not None:
+    if ref is not None and eval_data.sample_prompts is not None:
         kl = evaluation.sampled_kl_to_reference(
             model,
             base,
             ref,
-            eval_data.prompts,
+            eval_data.sample_prompts,
             max_new_tokens=config.eval.max_new_tokens,
             eos_id=tokenizer.eos_id,
-            key=jax.random.key(config.seed) if key is None else key,
+            key=key,
             lora=lora,
         )
         out["eval/kl"] = kl["kl/sampled"]

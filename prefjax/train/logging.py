@@ -47,7 +47,8 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     (
         "gold reward of greedy responses",
         (
-            ("eval/gold_reward", "held-out prompts"),
+            ("eval/gold_reward", "greedy, held-out prompts"),
+            ("eval/gold_reward_sampled", "sampled, held-out prompts"),
             ("eval/gold_reward_train_prompts", "train prompts"),
         ),
     ),
@@ -76,6 +77,7 @@ SUMMARY_METRICS = (
     "eval/kl",
     "eval/gold_reward",
     "eval/gold_reward_train_prompts",
+    "eval/gold_reward_sampled",
     "eval/kl_to_optimal",
     "eval/length/generated",
     "train/skipped_total",
@@ -174,6 +176,7 @@ CONSOLE_METRICS = (
     "eval/kl",
     "eval/gold_reward",
     "eval/gold_reward_train_prompts",
+    "eval/gold_reward_sampled",
     "eval/length/generated",
     "eval/kl_to_optimal",
 )

@@ -113,7 +113,9 @@ def _mean_records(records: list[Mapping[str, float]]) -> dict[str, float]:
 
 
 def _nonfinite_names(metrics: Mapping[str, float]) -> list[str]:
-    return [k for k, v in metrics.items() if k != "train/skipped" and not math.isfinite(float(v))]
+    bad = [k for k, v in metrics.items() if k != "train/skipped" and not math.isfinite(float(v))]
+    # The objective and the gradient first: they are what decides the skip.
+    return sorted(bad, key=lambda k: (k != "loss", k != "grad_norm", k))
 
 
 def evaluate(setup, params, eval_data: inputs.EvalData, config) -> dict[str, float]:

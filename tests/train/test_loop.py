@@ -1,0 +1,203 @@
+"""The training loop: exact resumption, SIGTERM, damaged checkpoints, non-finite steps.
+
+Every run here is the tiny DPO config on the built-in sequence task with a handful of steps. The
+runs share compiled executables through a persistent compilation cache (same shapes, same HLO),
+so only the first run pays for compilation.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import dpo as dpo_config
+from prefjax.train import dpo, loop
+
+NUM_STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    old_dir = jax.config.jax_compilation_cache_dir
+    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+
+
+def tiny_config(**changes):
+    config = dpo_config.get_config()
+    config.sft_warmup.num_steps = 0
+    config.data.num_train = 64
+    config.data.num_eval = 16
+    config.data.batch_size = 8
+    config.data.eval_batch_size = 16
+    config.optimizer.warmup_steps = 1
+    config.optimizer.learning_rate = 3e-3  # large enough that every step visibly moves weights
+    config.train.num_steps = NUM_STEPS
+    config.train.log_every = 2
+    config.train.eval_every = 0
+    config.eval.generate = False
+    config.checkpoint.every = 0
+    config.logging.progress = False
+    config.logging.tensorboard = False
+    config.logging.plot = False
+    for field, value in changes.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.array(x), jax.device_get(tree))
+
+
+def assert_trees_close(a, b, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
+
+
+def records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = loop.run(tiny_config(), workdir, dpo)
+    assert result.status == "finished" and result.step == NUM_STEPS
+    return host(result.state.params), workdir
+
+
+def test_uninterrupted_run_writes_metrics_and_final_checkpoint(uninterrupted):
+    _, workdir = uninterrupted
+    recs = records(workdir)
+    train_steps = [r["step"] for r in recs if r["split"] == "train"]
+    assert train_steps == [2, 4, 6]
+    final_eval = [r for r in recs if r["split"] == "eval"]
+    assert [r["step"] for r in final_eval] == [NUM_STEPS]
+    assert 0.0 <= final_eval[0]["eval/rewards/accuracy"] <= 1.0
+    assert os.path.exists(
+        os.path.join(workdir, "checkpoints", str(NUM_STEPS), "commit_success.txt")
+    )
+    assert os.path.exists(os.path.join(workdir, "summary.txt"))
+
+
+def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    params, _ = uninterrupted
+    workdir = str(tmp_path)
+    first = loop.run(tiny_config(), workdir, dpo, stop_after_steps=2)
+    assert first.status == "preempted" and first.step == 2
+    # The parameters did move: the comparison below is not trivially true.
+    assert not np.allclose(
+        host(first.state.params)["embed"]["embedding"], params["embed"]["embedding"]
+    )
+    second = loop.run(tiny_config(), workdir, dpo, stop_after_steps=3)
+    assert second.status == "preempted" and second.step == 5
+    third = loop.run(tiny_config(), workdir, dpo)
+    assert third.status == "finished" and third.step == NUM_STEPS
+    assert_trees_close(host(third.state.params), params)
+    # metrics.jsonl is continuous: one train record per logging step, no duplicates.
+    assert [r["step"] for r in records(workdir) if r["split"] == "train"] == [2, 4, 6]
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(uninterrupted, tmp_path):
+    params, _ = uninterrupted
+    workdir = str(tmp_path)
+
+    def send_sigterm(step, state, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    result = loop.run(tiny_config(), workdir, dpo, step_hook=send_sigterm)
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # restored after the run
+    assert result.status == "preempted" and result.step == 3
+    meta = os.path.join(workdir, "checkpoints", "3", "meta", "metadata")
+    assert "SIGTERM" in open(meta).read()
+    resumed = loop.run(tiny_config(), workdir, dpo)
+    assert resumed.step == NUM_STEPS
+    assert_trees_close(host(resumed.state.params), params)
+
+
+def test_half_written_newest_checkpoint_is_ignored(uninterrupted, tmp_path):
+    params, _ = uninterrupted
+    workdir = str(tmp_path)
+    loop.run(tiny_config(), workdir, dpo, stop_after_steps=2)
+    ckpts = os.path.join(workdir, "checkpoints")
+    # Step 4: a copy of step 2 whose write never committed (no commit marker).
+    shutil.copytree(os.path.join(ckpts, "2"), os.path.join(ckpts, "4"))
+    os.remove(os.path.join(ckpts, "4", "commit_success.txt"))
+    # Step 5: committed but with its array data missing (a damaged file system).
+    shutil.copytree(os.path.join(ckpts, "2"), os.path.join(ckpts, "5"))
+    shutil.rmtree(os.path.join(ckpts, "5", "state", "d"))
+    # An orbax temporary directory left by a killed write.
+    os.makedirs(os.path.join(ckpts, "5.orbax-checkpoint-tmp-1234", "state"))
+    result = loop.run(tiny_config(), workdir, dpo)
+    assert result.step == NUM_STEPS
+    assert_trees_close(host(result.state.params), params)  # resumed from step 2, not 4 or 5
+    set_aside = sorted(os.listdir(ckpts + "_incomplete"))
+    assert [name.split("-")[0] for name in set_aside] == ["4", "5"]
+
+
+class PoisonedDPO:
+    """``prefjax.train.dpo`` whose step ``bad_step`` sees a NaN reference (a non-finite loss)."""
+
+    def __init__(self, bad_step):
+        self.bad_step = bad_step
+        self.params_around_bad_step = None
+
+    def setup(self, config, model, mesh, key):
+        setup = dpo.setup(config, model, mesh, key)
+        step = setup.train_step
+
+        def train_step(state, batch, frozen, key):
+            if int(state.step) + 1 != self.bad_step:
+                return step(state, batch, frozen, key)
+            before = host(state.params)
+            nan_frozen = jax.tree.map(lambda x: x * np.nan, frozen)
+            state, metrics = step(state, batch, nan_frozen, key)
+            self.params_around_bad_step = (before, host(state.params))
+            return state, metrics
+
+        return dataclasses.replace(setup, train_step=train_step)
+
+
+def test_nonfinite_skip_counts_and_keeps_weights(tmp_path):
+    algorithm = PoisonedDPO(bad_step=3)
+    seen = {}
+    result = loop.run(
+        tiny_config(),
+        str(tmp_path),
+        algorithm,
+        step_hook=lambda step, state, m: seen.setdefault(step, m["train/skipped"]),
+    )
+    assert result.status == "finished" and result.step == NUM_STEPS
+    assert seen == {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 0.0, 6: 0.0}
+    before, after = algorithm.params_around_bad_step
+    assert_trees_close(after, before, atol=0.0)  # the bad batch changed nothing
+    train = [r for r in records(str(tmp_path)) if r["split"] == "train"]
+    assert [r["train/skipped_total"] for r in train] == [0.0, 1.0, 1.0]
+    assert all(np.isfinite(r["loss"]) for r in train)  # averages leave the skipped step out
+
+
+def test_nonfinite_stop_names_step_and_metric_after_checkpointing(tmp_path):
+    algorithm = PoisonedDPO(bad_step=3)
+    config = tiny_config(**{"train.nonfinite": "stop"})
+    with pytest.raises(loop.NonFiniteError, match=r"step 3: non-finite loss=nan"):
+        loop.run(config, str(tmp_path), algorithm)
+    before, after = algorithm.params_around_bad_step
+    assert_trees_close(after, before, atol=0.0)
+    ckpt = os.path.join(str(tmp_path), "checkpoints", "3")
+    assert os.path.exists(os.path.join(ckpt, "commit_success.txt"))
+    assert "nonfinite" in open(os.path.join(ckpt, "meta", "metadata")).read()
