@@ -497,6 +497,13 @@ def validate(config, num_devices: int | None = None) -> None:
             _positive(config, "sft_warmup.learning_rate", integer=False)
             if config.model.init_from:
                 _fail("sft_warmup.num_steps", config.sft_warmup.num_steps, "set 0 with init_from")
+            if config.data.task == "bandit":
+                _fail(
+                    "sft_warmup.num_steps",
+                    config.sft_warmup.num_steps,
+                    "the bandit has no responses to imitate; set 0 (the bandit's reference is "
+                    "the initial policy)",
+                )
 
 
 def parse_arg(arg: str | None, presets) -> str:

@@ -5,7 +5,9 @@ Command (the embedded default: tiny model, built-in sequence task, CPU)::
     python -m experiments.reward_model             # writes runs/reward_tiny
     python -m experiments.reward_model --config.algorithm.loss=plackett_luce   # listwise data
 
-Expected runtime: about 30 s on 2 CPU cores for the tiny preset.
+Expected runtime: about 20 s on 2 CPU cores for the tiny preset (measured 18 s wall, cold
+compilation cache). Measured (seed 0): held-out ``eval/rewards/accuracy`` 0.46 -> 0.90,
+``eval/rewards/margin`` -0.04 -> 3.15, ``eval/loss`` 0.72 -> 0.29 over 300 steps.
 
 What "it learned" looks like: held-out ``eval/rewards/accuracy`` rises from 0.5 towards the
 accuracy the Bradley-Terry labelling allows (the task's labels follow the gold reward except for

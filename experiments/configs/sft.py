@@ -6,12 +6,14 @@ Command (the embedded default: tiny model, built-in sequence task, CPU)::
     python -m experiments.sft --config=experiments/configs/sft.py:gpt2 \
         --config.data.train_files=prefs.jsonl --workdir=runs/sft_gpt2
 
-Expected runtime: about 30 s on 2 CPU cores for the tiny preset.
+Expected runtime: about 20 s on 2 CPU cores for the tiny preset (measured 18 s wall, cold
+compilation cache).
 
 What "it learned" looks like: the SFT loss (mean NLL per response token) falls from about
 log(vocab) = 5.6 nats towards the entropy of the task's preferred responses, held-out
-``eval/loss`` follows it, and ``eval/gold_reward`` of greedy responses rises well above the
-random-init value (see docs/training.md for measured numbers).
+``eval/loss`` follows it, and the gold reward of greedy responses to held-out prompts rises from
+0 (random init) to near 1. Measured (seed 0): ``eval/loss`` 5.55 -> 0.79, ``eval/gold_reward``
+0.00 -> 0.91 (held-out prompts), 0.89 on train prompts, 0.69 for sampled responses.
 
 Presets: ``:tiny`` (default), ``:gpt2`` and ``:llama1b`` (random-init architectures meant to be
 combined with ``--config.model.path`` and ``--config.data.train_files``).

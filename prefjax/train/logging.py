@@ -42,14 +42,17 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ),
     (
         "KL to the reference (nats / sequence)",
-        (("eval/kl", "sampled, held-out prompts"), ("eval/kl/logratio", "on held-out pairs")),
+        (
+            ("eval/kl", "sampled, held-out prompts"),
+            ("eval/kl/logratio", "log-ratio on held-out pairs"),
+        ),
     ),
     (
-        "gold reward of greedy responses",
+        "gold reward of generated responses",
         (
             ("eval/gold_reward", "greedy, held-out prompts"),
             ("eval/gold_reward_sampled", "sampled, held-out prompts"),
-            ("eval/gold_reward_train_prompts", "train prompts"),
+            ("eval/gold_reward_train_prompts", "greedy, train prompts"),
         ),
     ),
     ("KL(pi_theta || pi*) (bandit)", (("eval/kl_to_optimal", "held-out prompts"),)),
@@ -58,7 +61,8 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("eval/length/chosen", "chosen"),
             ("eval/length/rejected", "rejected"),
-            ("eval/length/generated", "generated"),
+            ("eval/length/generated", "greedy"),
+            ("eval/length/sampled", "sampled"),
         ),
     ),
     ("gradient norm", (("grad_norm", "before clipping"),)),
