@@ -489,6 +489,8 @@ def validate(config, num_devices: int | None = None) -> None:
     _positive(config, "eval.num_samples")
     _positive(config, "checkpoint.every", zero_ok=True)
     _positive(config, "checkpoint.keep")
+    if name == "reward" and config.model.lora.rank:
+        _fail("model.lora.rank", config.model.lora.rank, "reward models train the full network")
     if config.export.hf and name == "reward":
         _fail("export.hf", True, "only policies (sft, dpo) export to a Hugging Face LM folder")
     if "sft_warmup" in config:

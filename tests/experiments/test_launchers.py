@@ -62,7 +62,7 @@ def launch(module_name, argv):
     "module_name, extra",
     [
         ("experiments.dpo", ["--config.sft_warmup.num_steps=2"]),
-        ("experiments.sft", []),
+        ("experiments.sft", ["--config.export.hf=True"]),
         ("experiments.reward_model", []),
     ],
     ids=["dpo", "sft", "reward_model"],
@@ -86,6 +86,10 @@ def test_launcher_runs_tiny_preset_end_to_end(module_name, extra, tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    if "--config.export.hf=True" in extra:  # the policy as a Hugging Face folder
+        exported = json.load(open(os.path.join(workdir, "hf_model", "config.json")))
+        assert exported["hidden_size"] == 64  # the tiny preset
+        assert os.path.exists(os.path.join(workdir, "hf_model", "model.safetensors"))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["train"]["num_steps"] == 4
 
