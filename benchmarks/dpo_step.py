@@ -8,9 +8,10 @@ last ``seq_len - prompt_len`` of each being the response. The step time is the m
 
 MFU = ``k * N * tokens / step_time / peak`` with ``N`` the matmul parameters (all but the input
 embedding), ``tokens = 2 * batch_pairs * seq_len`` and ``k = 8`` (policy forward + backward = 6,
-reference forward = 2) for ``--reference=copy`` or ``k = 6`` for ``--reference=precomputed``; the
-peers (``../shared/peers``) count the same way. ``peak`` is 989e12 FLOP/s for an H100/H200 (dense
-bf16), 312e12 for an A100, else (CPU) a measured float32 matmul rate on this machine.
+reference forward = 2) for ``--reference=copy`` or ``k = 6`` for ``--reference=precomputed``;
+the peer scripts (TRL, plain PyTorch) count the same way. ``peak`` is 989e12 FLOP/s for an
+H100/H200 (dense bf16), 312e12 for an A100, else (CPU) a measured float32
+matmul rate on this machine.
 
 With ``--torch`` the same step written in plain PyTorch on a Hugging Face ``LlamaForCausalLM`` of
 the same shape is timed in the same process (CPU or GPU), and the ratio printed; TRL's
