@@ -25,6 +25,7 @@ import numpy as np
 
 from prefjax import data as pdata
 from prefjax import models
+from prefjax.data.splits import group_key
 from prefjax.train import common
 
 # Extra examples generated per requested one before the grouped split keeps each side's share.
@@ -164,7 +165,16 @@ def _read_files(paths: str, kind: str, config, tokenizer, field: str):
     files = [p.strip() for p in paths.split(",") if p.strip()]
     records = []
     for path in files:
-        records.extend(readers.read_records(path, kind))
+        raw = readers.read_records(path)
+        if kind == "sft" and raw and pdata.detect_kind(raw[0]) == "pairwise":
+            # SFT (or the SFT warm-up before DPO) on a preference file imitates its chosen side.
+            pairs = readers.read_records(path, "pairwise")
+            records.extend(
+                {"prompt": r["prompt"], "completion": r["chosen"], "prompt_id": r["prompt_id"]}
+                for r in pairs
+            )
+        else:
+            records.extend(readers.read_records(path, kind))
     if not records:
         raise ValueError(f"config.data.{field}={paths!r}: no examples")
     return records
@@ -211,18 +221,21 @@ def build_data(config, tokenizer, kind: str) -> Data:
         train_records = _read_files(d.train_files, kind, config, tokenizer, "train_files")
         if d.eval_files:
             eval_records = _read_files(d.eval_files, kind, config, tokenizer, "eval_files")
+            leakage = pdata.check_leakage(train_records, eval_records)
+            if leakage.leaks:
+                raise ValueError(
+                    f"config.data.eval_files={d.eval_files!r} shares prompts with "
+                    f"config.data.train_files={d.train_files!r}:\n{leakage.summary()}"
+                )
         else:
-            key = [str(r.get("prompt_id", r["prompt"])) for r in train_records]
-            held_out = _split_prompts(key, d.eval_fraction, d.seed)
-            if not held_out:
+            if len({group_key(r) for r in train_records}) < 2:
                 raise ValueError(
                     f"config.data.train_files={d.train_files!r}: one distinct prompt cannot be "
                     "split into train and eval; give config.data.eval_files"
                 )
-            eval_records = [r for r, k in zip(train_records, key, strict=True) if k in held_out]
-            train_records = [
-                r for r, k in zip(train_records, key, strict=True) if k not in held_out
-            ]
+            train_records, eval_records = pdata.grouped_split(
+                train_records, eval_fraction=d.eval_fraction, seed=d.seed
+            )
         append_eos = True
     else:
         task = _make_task(config)

@@ -143,3 +143,35 @@ def test_presets_and_derived_values():
     assert common.derived(reward_model.get_config(), 8).head == "reward"
     with pytest.raises(common.ConfigError, match="preset 'huge'"):
         dpo.get_config("huge")
+
+
+@pytest.mark.slow
+def test_dpo_launcher_trains_from_local_jsonl_files(tmp_path):
+    """The ``files`` task: JSONL -> validation -> prompt-grouped split -> SFT warm-up -> DPO."""
+    from prefjax.data import RepeatTask, read_records, write_jsonl
+
+    path = tmp_path / "prefs.jsonl"
+    unique = {}  # sampled pairs repeat; a file with duplicate pairs fails validation
+    for r in RepeatTask().pairwise_records(200, seed=0):
+        unique.setdefault((r["prompt"], r["chosen"], r["rejected"]), r)
+    write_jsonl(str(path), list(unique.values())[:96])
+    workdir = str(tmp_path / "run")
+    argv = [f"--workdir={workdir}", *SMALL, "--config.data.task=files"]
+    # A short SFT warm-up on the file's chosen responses, then DPO.
+    argv += [f"--config.data.train_files={path}", "--config.sft_warmup.num_steps=2"]
+    assert launch("experiments.dpo", argv) is None
+    assert os.path.isdir(os.path.join(workdir, "sft_warmup"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [json.loads(line) for line in f if '"eval"' in line]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert 0.0 <= evals[-1]["eval/rewards/accuracy"] <= 1.0
+
+    # Eval files that share a prompt with the train files are refused, naming both fields.
+    rows = [dict(r.data) if hasattr(r, "data") else dict(r) for r in read_records(str(path))]
+    leaky = tmp_path / "eval.jsonl"
+    write_jsonl(str(leaky), rows[:8])
+    argv = [f"--workdir={tmp_path / 'run2'}", *SMALL, "--config.data.task=files"]
+    argv += [f"--config.data.train_files={path}", f"--config.data.eval_files={leaky}"]
+    argv += ["--config.sft_warmup.num_steps=0"]
+    with pytest.raises(Exception, match=r"config\.data\.eval_files=.*shares prompts"):
+        launch("experiments.dpo", argv)
