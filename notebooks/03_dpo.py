@@ -270,6 +270,8 @@ plt.show()
 config = dpo_configs.get_config("tiny")
 config.data.task, config.data.batch_size = "bandit", 64
 config.algorithm.beta = beta
+# Plain DPO: the launcher's default RPO term (rpo_alpha = 1) would move the optimum away from pi*.
+config.algorithm.rpo_alpha = 0.0
 config.optimizer.learning_rate, config.optimizer.warmup_steps = 3e-3, 0
 config.train.num_steps = 80
 

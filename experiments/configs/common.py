@@ -142,6 +142,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     algo.reference = "copy" if algorithm == "dpo" else "none"
     # ORPO: weight of the NLL term on the chosen response.
     algo.sft_weight = 1.0
+    # DPO-family pairwise losses: + rpo_alpha * (token-averaged NLL of the chosen response), the
+    # RPO regulariser (Pang et al., 2024) that keeps the chosen likelihood from falling. 0 = off.
+    algo.rpo_alpha = 0.0
 
     config.optimizer = opt = ml_collections.ConfigDict()
     # "adamw" | "adam" | "lion" | "sgd".
@@ -419,6 +422,15 @@ def validate(config, num_devices: int | None = None) -> None:
         _positive(config, "algorithm.beta", integer=False)
         if not 0.0 <= algo.label_smoothing < 0.5:
             _fail("algorithm.label_smoothing", algo.label_smoothing, "must be in [0, 0.5)")
+        _positive(config, "algorithm.rpo_alpha", zero_ok=True, integer=False)
+        # The step's own start-up checks (combinations such as rpo_alpha with KTO), run here too
+        # so that they fail before an SFT warm-up or a data pass, not after.
+        from prefjax.train import dpo
+
+        try:
+            dpo.validate_config(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if algo.loss == "kto":
         _positive(config, "algorithm.desirable_weight", integer=False)
         _positive(config, "algorithm.undesirable_weight", integer=False)

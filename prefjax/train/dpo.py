@@ -91,6 +91,15 @@ def validate_config(config: Any) -> None:
             "reference point pairs prompts with other examples' responses in each batch, so it "
             "cannot be computed ahead of time. Use 'copy' or 'lora_base'."
         )
+    rpo_alpha = get(config, "algorithm.rpo_alpha", 0.0)
+    if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float)) or rpo_alpha < 0:
+        raise ValueError(f"config.algorithm.rpo_alpha={rpo_alpha!r} must be a number >= 0.")
+    if rpo_alpha and loss not in losses.PAIRWISE_LOSSES:
+        raise ValueError(
+            f"config.algorithm.rpo_alpha={rpo_alpha}: the RPO term applies to the pairwise losses "
+            f"{tuple(losses.PAIRWISE_LOSSES)}, not {loss!r}; set config.algorithm.rpo_alpha=0 "
+            "(ORPO's NLL weight is config.algorithm.sft_weight)."
+        )
     smoothing = float(get(config, "algorithm.label_smoothing", 0.0))
     if loss in losses.PAIRWISE_LOSSES or loss == "simpo":
         # Each loss checks its own hyperparameters; run it once on zeros so a bad value fails
@@ -214,6 +223,7 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
     average = _average_logps(config)
     policy, ref = _forwards(model, config)
     sft_weight = float(get(config, "algorithm.sft_weight", 1.0))
+    rpo_alpha = float(get(config, "algorithm.rpo_alpha", 0.0))
     if name in losses.PAIRWISE_LOSSES:
         loss_fn = losses.PAIRWISE_LOSSES[name]
         kwargs = _pairwise_kwargs(config, loss_fn)
@@ -251,10 +261,17 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
                 pc_, pr_, rc_, rr_ = pc, pr, rc, rr
             out = loss_fn(pc_, pr_, rc_, rr_, **kwargs)
             per_example = out.loss
+            if rpo_alpha:
+                # RPO (Pang et al., 2024, Eq. 2): + alpha * the chosen response's NLL per token.
+                per_example = per_example + rpo_alpha * (-safe_div(pc, nc))
         loss = jnp.sum(per_example * w) / denominators["pairs"]
         sums = _pair_sums(out.chosen_rewards, out.rejected_rewards, pc, pr, rc, rr, nc, nr, w)
         if reference == "none":
             del sums["kl/logratio"]  # no reference: nothing to compare with
+        if rpo_alpha:
+            # The two parts of the RPO objective: loss = loss/preference + rpo_alpha * nll/chosen.
+            sums["loss/preference"] = jnp.sum(out.loss.astype(jnp.float32) * w)
+            sums["nll/chosen"] = jnp.sum(-safe_div(pc, nc) * w)
         return loss, sums
 
     return fn

@@ -119,6 +119,8 @@ def test_invalid_mesh_names_the_field(tmp_path):
         ("train.nonfinite", "ignore", r"config\.train\.nonfinite='ignore'"),
         ("data.task", "files", r"config\.data\.train_files='': is required"),
         ("data.batch_size", 12, r"config\.data\.batch_size=12: the micro-batch of 12"),
+        # The default is RPO (rpo_alpha=1), a pairwise-loss term: KTO must turn it off.
+        ("algorithm.loss", "kto", r"config\.algorithm\.rpo_alpha=1\.0: .*rpo_alpha=0"),
     ],
     ids=lambda x: x if isinstance(x, str) and "." in x and " " not in x and "\\" not in x else "",
 )

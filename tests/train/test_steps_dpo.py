@@ -238,6 +238,10 @@ def variant_outputs(model, policy_params, pairwise):
     chunked = make_config(**variant_algorithm("sigmoid"))
     chunked.model.logps_chunk_size = 24
     steps["sigmoid_chunked"] = dpo.make_eval_step(model, chunked)
+    # RPO: the sigmoid loss plus rpo_alpha times the chosen response's per-token NLL.
+    steps["sigmoid_rpo"] = dpo.make_eval_step(
+        model, make_config(loss="sigmoid", beta=0.3, rpo_alpha=0.5)
+    )
 
     def all_variants(params, batch, ref):
         return {
@@ -278,6 +282,23 @@ def test_chunked_logps_equal_full_logits(variant_outputs):
     full, chunked = variant_outputs["sigmoid"], variant_outputs["sigmoid_chunked"]
     for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margin"):
         np.testing.assert_allclose(float(chunked[name][0]), float(full[name][0]), rtol=1e-5)
+
+
+def test_rpo_adds_the_chosen_nll_per_token(variant_outputs, model, policy_params, pairwise):
+    _, batch = pairwise
+    out = variant_outputs["sigmoid_rpo"]
+    (pc, nc), (pr, _) = (pair_logps(model, policy_params, batch)[s] for s in ("chosen", "rejected"))
+    ref = pair_logps(model, model.params, batch)
+    (rc, _), (rr, _) = ref["chosen"], ref["rejected"]
+    dpo_part = losses.dpo_loss(pc, pr, rc, rr, beta=0.3).loss
+    nll = -(pc / nc)  # Pang et al. (2024), Eq. 2: -log pi(y_w|x) / |y_w|
+    np.testing.assert_allclose(
+        float(out["loss"][0]), float((dpo_part + 0.5 * nll).sum()), rtol=1e-4
+    )
+    np.testing.assert_allclose(float(out["loss/preference"][0]), float(dpo_part.sum()), rtol=1e-4)
+    np.testing.assert_allclose(float(out["nll/chosen"][0]), float(nll.sum()), rtol=1e-4)
+    # Without rpo_alpha the extra metrics are absent and the loss is DPO's alone.
+    assert "nll/chosen" not in variant_outputs["sigmoid"]
 
 
 def test_listwise_eval_loss_matches_independent(model, policy_params):
@@ -344,6 +365,10 @@ def test_invalid_combinations_name_the_field(model):
         dpo.validate_config(make_config(loss="ipo", label_smoothing=0.2))
     with pytest.raises(ValueError, match=r"precomputed' is not supported with loss='kto'"):
         dpo.validate_config(make_config(loss="kto", reference="precomputed"))
+    with pytest.raises(ValueError, match=r"config\.algorithm\.rpo_alpha=1\.0: .* not 'kto'"):
+        dpo.validate_config(make_config(loss="kto", rpo_alpha=1.0))
+    with pytest.raises(ValueError, match=r"config\.algorithm\.rpo_alpha=-0\.5 must be"):
+        dpo.validate_config(make_config(rpo_alpha=-0.5))
 
 
 # ---------------------------------------------------------------------------- the bandit
