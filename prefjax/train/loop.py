@@ -289,36 +289,62 @@ def run(
     status, step, window = "finished", start, []
     skipped_total = _skipped_before(writer.path, start) if is_main else 0
     t_start, steps_run = time.time(), 0
+    # Metrics stay on the device until a logging step, so the host prepares and dispatches the
+    # next batches while the device computes (a per-step fetch would wait for every step). They
+    # are fetched every step only where a decision needs them then: train.nonfinite="stop"
+    # (checkpoint and stop at that very step) and a step_hook.
+    sync_every_step = config.train.nonfinite == "stop" or step_hook is not None
+    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet on the host
+
+    def to_host(step_metrics: list[tuple[int, Any]]) -> list[dict[str, float]]:
+        """Fetch metrics and count the skipped steps (the step itself left their weights)."""
+        nonlocal skipped_total
+        fetched = jax.device_get([m for _, m in step_metrics])
+        out = []
+        for (s, _), m in zip(step_metrics, fetched, strict=True):
+            m = {k: float(v) for k, v in m.items()}
+            bad = _nonfinite_names(m)
+            if m.get("train/skipped", 0.0) or bad:
+                m["train/skipped"] = 1.0
+                skipped_total += 1
+                if config.train.nonfinite == "stop":
+                    save(s, "nonfinite")
+                    if ckpt:
+                        ckpt.wait()
+                    names = ", ".join(f"{n}={m[n]}" for n in bad) or "loss/gradient"
+                    raise NonFiniteError(
+                        f"step {s}: non-finite {names} (train.nonfinite='stop'). The "
+                        f"weights were not updated by this batch; the last good state is "
+                        f"checkpointed at step {s} in {workdir}/checkpoints."
+                    )
+                progress.write(
+                    f"step {s}: non-finite {', '.join(bad) or 'loss/gradient'}; "
+                    f"batch skipped (skipped so far: {skipped_total})"
+                )
+            out.append(m)
+        return out
+
     try:
         with stop.installed():
             for step in range(start + 1, num_steps + 1):
                 batch = setup.shard_batch(next(train_iter))
                 state, metrics = setup.train_step(state, batch, setup.frozen, step_key)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 steps_run += 1
-                bad = _nonfinite_names(metrics)
-                if metrics.get("train/skipped", 0.0) or bad:
-                    metrics["train/skipped"] = 1.0
-                    skipped_total += 1
-                    if config.train.nonfinite == "stop":
-                        save(step, "nonfinite")
-                        if ckpt:
-                            ckpt.wait()
-                        names = ", ".join(f"{n}={metrics[n]}" for n in bad) or "loss/gradient"
-                        raise NonFiniteError(
-                            f"step {step}: non-finite {names} (train.nonfinite='stop'). The "
-                            f"weights were not updated by this batch; the last good state is "
-                            f"checkpointed at step {step} in {workdir}/checkpoints."
-                        )
-                    progress.write(
-                        f"step {step}: non-finite {', '.join(bad) or 'loss/gradient'}; "
-                        f"batch skipped (skipped so far: {skipped_total})"
-                    )
-                window.append(metrics)
-                if step_hook is not None:
-                    step_hook(step, state, metrics)
-                progress.update(1, loss=metrics.get("loss", float("nan")))
+                pending.append((step, metrics))
+                if sync_every_step:
+                    (metrics,) = to_host(pending)
+                    pending.clear()
+                    window.append(metrics)
+                    if step_hook is not None:
+                        step_hook(step, state, metrics)
+                    progress.update(1, loss=metrics.get("loss", float("nan")))
+                else:
+                    progress.update(1)
                 if step % config.train.log_every == 0 or step == num_steps:
+                    if pending:
+                        window.extend(to_host(pending))
+                        pending.clear()
+                        progress.update(0, loss=window[-1].get("loss", float("nan")))
                     record = _mean_records(window)
                     record["train/skipped_total"] = float(skipped_total)
                     record["steps_per_second"] = steps_run / max(time.time() - t_start, 1e-9)
