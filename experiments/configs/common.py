@@ -196,7 +196,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     ev.num_prompts = 64
     # Responses sampled (temperature 1) over the held-out prompts per evaluation: their mean gold
     # reward is what the KL-regularised objective maximises; the sampled KL uses the same samples.
-    ev.num_samples = 64
+    ev.num_samples = 256
     # Maximum new tokens per decoded response.
     ev.max_new_tokens = 16
 

@@ -13,7 +13,7 @@ finished, only re-evaluates and re-plots). Other presets and overrides::
         --config.model.path=/models/Llama-3.2-1B-SFT --config.data.train_files=prefs.jsonl
 
 Expected runtime: about 30 s on 2 CPU cores (measured 27 s wall with a cold compilation cache,
-16 s with a warm one: most of it is XLA compilation, cached on disk for the next run).
+17–19 s with a warm one: most of it is XLA compilation, cached on disk for the next run).
 
 Why there is a warm-up: a randomly initialised policy emits noise, and DPO only re-weights
 responses its reference already produces. The default therefore first runs
@@ -27,9 +27,9 @@ from ``model.init_from`` or a pretrained ``model.path``.
 Why ``algorithm.rpo_alpha = 1``: the DPO loss carries the RPO term (+ the chosen response's NLL
 per token, Pang et al., 2024). Plain DPO (``--config.algorithm.rpo_alpha=0``) reaches the same
 held-out accuracy but pushes the chosen log-probs down with the rejected ones; on this task that
-makes greedy responses longer and, for seeds 1 and 2, lets the KL run away (22 and 42 nats, sampled
-gold reward 0.42 -> 0.28 and 0.33 -> 0.06). With the term, over seeds 0, 1, 2 the sampled gold
-reward rises to 0.71, 0.69, 0.69 at KL 0.87, 0.56, 0.74 (docs/training.md has the table).
+makes greedy responses longer and, for seeds 1 and 2, lets the KL run away (25 and 37 nats, sampled
+gold reward 0.47 -> 0.33 and 0.41 -> 0.06). With the term, over seeds 0, 1, 2 the sampled gold
+reward rises to 0.68, 0.74, 0.73 at KL 0.85, 0.77, 0.91 (docs/training.md has the table).
 
 What "it learned" looks like (measured, seed 0, 13 held-out prompts never seen in training):
 
@@ -38,9 +38,9 @@ metric                                          step 0      step 200
 =============================================  ==========  ==========
 held-out preference accuracy (implicit reward)  0.50        0.89
 held-out reward margin (beta * log-ratio)       0.00        0.95
-gold reward of sampled responses (held out)     0.47        0.71
+gold reward of sampled responses (held out)     0.38        0.68
 gold reward of greedy responses (held out)      0.57        0.73
-KL(pi || pi_ref), sampled, nats per response    0.00        0.87
+KL(pi || pi_ref), sampled, nats per response    0.00        0.85
 log-probs chosen / rejected (held out)          -5.4 / -8.3 -5.1 / -9.9
 =============================================  ==========  ==========
 """

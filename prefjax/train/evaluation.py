@@ -4,11 +4,11 @@
   batches (and hosts), into means, and adds ``length_bias/corr`` -- the correlation between the
   implicit-reward margin and the chosen-minus-rejected length (length bias: a DPO run whose margin
   mostly tracks length is learning "longer is better").
-* :func:`generate` decodes greedy or sampled responses with the models' KV cache (fixed shapes,
-  one ``lax.scan``), :func:`gold_reward_of_generations` scores them with a task's programmatic
-  gold reward and reports their length statistics, and :func:`sampled_kl_to_reference` estimates
-  ``KL(pi_theta || pi_ref)`` on held-out prompts from the policy's own samples (the real KL, not
-  the log-ratio on data responses that the eval steps report as ``kl/logratio``).
+* :func:`generate` decodes greedy or sampled responses with :func:`prefjax.models.generate` (the
+  jitted KV-cache sampler), :func:`gold_reward_of_generations` scores them with a task's
+  programmatic gold reward and reports their length statistics, :func:`sampled_kl_to_reference`
+  estimates ``KL(pi_theta || pi_ref)`` on held-out prompts from the policy's own samples (the real
+  KL, not the log-ratio on data responses that the eval steps report as ``kl/logratio``).
 * :func:`bandit_policy` and :func:`bandit_metrics` read a model's distribution over a
   :class:`prefjax.data.Bandit`'s arms and compare it with the closed-form optimum
   ``pi*(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta)`` (``kl_to_optimum`` = ``KL(pi_theta || pi*)``).
@@ -92,35 +92,6 @@ def response_length_stats(mask: Any, *, prefix: str = "length") -> dict[str, flo
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
-def _generate_fn(model: Any, max_new_tokens: int, greedy: bool, temperature: float, eos_id: int):
-    def fn(params, lora, prompt_ids, prompt_mask, key):
-        batch, prompt_len = prompt_ids.shape
-        cache = model.init_cache(batch, prompt_len + max_new_tokens)
-        logits, cache = model.prefill(params, prompt_ids, prompt_mask, cache, lora=lora)
-        last = logits[:, -1].astype(jnp.float32)  # prompts are left-padded: last slot is real
-
-        def body(carry, step_key):
-            last, cache, done = carry
-            if greedy:
-                token = jnp.argmax(last, axis=-1)
-            else:
-                token = jax.random.categorical(step_key, last / temperature, axis=-1)
-            token = jnp.where(done, eos_id, token).astype(jnp.int32)
-            emitted = ~done
-            done = done | (token == eos_id)
-            logits, cache = model.decode_step(params, token, cache, lora=lora)
-            return (logits.astype(jnp.float32), cache, done), (token, emitted)
-
-        keys = jax.random.split(key, max_new_tokens)
-        init = (last, cache, jnp.zeros((batch,), bool))
-        _, (tokens, emitted) = jax.lax.scan(body, init, keys)
-        # [new, batch] -> [batch, new]
-        return tokens.T, emitted.T.astype(jnp.int32)
-
-    return jax.jit(fn)
-
-
 def generate(
     model: Any,
     params: Any,
@@ -134,30 +105,41 @@ def generate(
     key: jax.Array | None = None,
     lora: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy or sampled responses to LEFT-padded prompts, with the KV cache.
+    """Greedy or sampled responses to prompts as NumPy arrays: :func:`prefjax.models.generate`
+    (the jitted KV-cache sampler) with the evaluation's defaults.
 
     Args:
       model: an LM ``prefjax.models.Model``.
       params: its parameters (the base when ``lora`` is given).
-      prompt_input_ids, prompt_attention_mask: ``[batch, prompt]`` left-padded.
+      prompt_input_ids, prompt_attention_mask: ``[batch, prompt]``, left-padded preferably.
       max_new_tokens: tokens decoded per row (rows stop at ``eos_id``).
-      eos_id: end-of-sequence token (kept in the response, included in its mask).
+      eos_id: end-of-sequence token (kept in the response, included in its mask; also written
+        after a row has ended).
       greedy: argmax decoding; otherwise sample at ``temperature`` with ``key``.
-      key: PRNG key for sampling.
+      key: PRNG key for sampling (default ``jax.random.key(0)``).
       lora: optional adapters.
 
     Returns:
-      ``(tokens [batch, max_new_tokens], response_mask [batch, max_new_tokens])`` as NumPy arrays;
-      the mask is 1 up to and including the first EOS.
+      ``(tokens [batch, max_new_tokens], response_mask [batch, max_new_tokens])``; the mask is 1
+      up to and including the first EOS.
     """
+    from prefjax import models
+
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling.")
-    key = jax.random.key(0) if key is None else key
-    fn = _generate_fn(model, int(max_new_tokens), bool(greedy), float(temperature), int(eos_id))
-    tokens, mask = fn(
-        params, lora, jnp.asarray(prompt_input_ids), jnp.asarray(prompt_attention_mask), key
+    out = models.generate(
+        model,
+        params,
+        prompt_input_ids,
+        prompt_attention_mask,
+        key=jax.random.key(0) if key is None else key,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if greedy else temperature,
+        eos_id=eos_id,
+        pad_id=eos_id,
+        lora=lora,
     )
-    return np.asarray(tokens), np.asarray(mask)
+    return np.asarray(out.tokens), np.asarray(out.mask)
 
 
 def _strip_prompt(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
