@@ -533,10 +533,15 @@ def _copy(tree: Any, sharding: Any) -> Any:
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     """Sharded train state, frozen pytree and jitted steps for ``config`` on ``mesh``.
 
-    * no LoRA: trainable = ``model.params``; frozen = a copy of them (``reference="copy"``) or
-      ``None`` (``"precomputed"``, ``"none"``).
+    * no LoRA: trainable = a copy of ``model.params`` (the state is donated to each step);
+      frozen = ``model.params`` themselves (``reference="copy"``) or ``None``
+      (``"precomputed"``, ``"none"``).
     * LoRA: trainable = adapters from ``model.init_lora``; frozen = the base ``model.params``
       (the reference under ``"lora_base"``, and what the adapters sit on in every case).
+
+    The frozen tree shares ``model.params``' buffers wherever they already have the mesh's
+    sharding (resharded otherwise), so the weights are held twice, not three times; do not donate
+    ``model.params`` to another computation while this setup is in use.
     """
     validate_config(config)
     return build_setup(
@@ -593,7 +598,10 @@ def build_setup(
     state, state_sharding = common.create_state(mesh, tx, trainable, params_sharding)
     if frozen is not None:
         frozen_sharding = shd.param_shardings(mesh, frozen_axes, frozen, rules)
-        frozen = _copy(frozen, frozen_sharding)
+        # No step donates or updates the frozen tree, so it may share the buffers of
+        # ``model.params`` (already laid out this way after a sharded init): one copy of the
+        # weights fewer than copying it.
+        frozen = jax.device_put(frozen, frozen_sharding, may_alias=True)
     else:
         frozen_sharding = None
     train_step = make_train(model, config, mesh=mesh, schedule=schedule)

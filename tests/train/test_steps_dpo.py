@@ -136,6 +136,15 @@ def test_grad_accumulation_over_4_micro_batches_equals_one_batch(model, policy_p
     assert max_tree_diff(one.params, policy_params) > 1e-4  # the step did move
 
 
+def test_frozen_reference_shares_the_model_buffers_and_the_state_does_not(model):
+    setup = cached_setup(make_config(), model)
+    ptr = lambda tree: [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)]  # noqa: E731
+    # The frozen reference is model.params itself (no third copy of the weights) ...
+    assert ptr(setup.frozen) == ptr(model.params)
+    # ... while the trainable state, donated at every step, is a copy of its own.
+    assert not set(ptr(setup.state.params)) & set(ptr(model.params))
+
+
 def test_step_traces_once_and_skips_nonfinite_batches(model, pairwise):
     ds, _ = pairwise
     config = make_config()
