@@ -422,8 +422,7 @@ def validate(config, num_devices: int | None = None) -> None:
         _positive(config, "algorithm.beta", integer=False)
         if not 0.0 <= algo.label_smoothing < 0.5:
             _fail("algorithm.label_smoothing", algo.label_smoothing, "must be in [0, 0.5)")
-        _positive(config, "algorithm.rpo_alpha", zero_ok=True, integer=False)
-        # The step's own start-up checks (combinations such as rpo_alpha with KTO), run here too
+        # The step's own start-up checks (rpo_alpha, and combinations such as it with KTO), run here
         # so that they fail before an SFT warm-up or a data pass, not after.
         from prefjax.train import dpo
 

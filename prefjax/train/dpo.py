@@ -233,6 +233,7 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
     def fn(params, batch, frozen, key, denominators):
         num = batch["chosen_input_ids"].shape[0]
         w = _example_weights(batch, num)
+        rpo_sums = {}
         ids, attn, lmask = _concat_pair(batch)
         logps, counts = policy(params, frozen, ids, attn, lmask, key)  # [2 * batch]
         # [2 * batch] -> 2 x [batch]
@@ -263,16 +264,18 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
             per_example = out.loss
             if rpo_alpha:
                 # RPO (Pang et al., 2024, Eq. 2): + alpha * the chosen response's NLL per token.
-                per_example = per_example + rpo_alpha * (-safe_div(pc, nc))
+                nll_chosen = -safe_div(pc, nc)
+                per_example = per_example + rpo_alpha * nll_chosen
+                # Its two parts: loss = loss/preference + rpo_alpha * nll/chosen.
+                rpo_sums = {
+                    "loss/preference": jnp.sum(out.loss.astype(jnp.float32) * w),
+                    "nll/chosen": jnp.sum(nll_chosen * w),
+                }
         loss = jnp.sum(per_example * w) / denominators["pairs"]
         sums = _pair_sums(out.chosen_rewards, out.rejected_rewards, pc, pr, rc, rr, nc, nr, w)
         if reference == "none":
             del sums["kl/logratio"]  # no reference: nothing to compare with
-        if rpo_alpha:
-            # The two parts of the RPO objective: loss = loss/preference + rpo_alpha * nll/chosen.
-            sums["loss/preference"] = jnp.sum(out.loss.astype(jnp.float32) * w)
-            sums["nll/chosen"] = jnp.sum(-safe_div(pc, nc) * w)
-        return loss, sums
+        return loss, {**sums, **rpo_sums}
 
     return fn
 
