@@ -5,16 +5,12 @@ minute or two); see ``experiments/configs/dpo.py`` for what it prints and what "
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import launch
 from prefjax.train import dpo
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", launch.config_path("dpo"), "Training config (file.py:preset).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir_default).")
+launch.define_config_flag("dpo")  # --config, --config.*, --workdir
 
 
 def main(argv):

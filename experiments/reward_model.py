@@ -5,19 +5,12 @@ minute); see ``experiments/configs/reward_model.py`` for what it prints and what
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import launch
 from prefjax.train import reward
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    launch.config_path("reward_model"),
-    "Training config (file.py:preset).",
-    lock_config=True,
-)
-flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir_default).")
+launch.define_config_flag("reward_model")  # --config, --config.*, --workdir
 
 
 def main(argv):

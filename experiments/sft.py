@@ -5,16 +5,12 @@ minute); see ``experiments/configs/sft.py`` for what it prints and what "learned
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import launch
 from prefjax.train import sft
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", launch.config_path("sft"), "Training config (file.py:preset).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir_default).")
+launch.define_config_flag("sft")  # --config, --config.*, --workdir
 
 
 def main(argv):

@@ -20,6 +20,7 @@ import os
 import ml_collections
 
 from prefjax import sharding
+from prefjax.train.errors import ConfigError  # noqa: F401  (raised here, caught by launchers)
 
 ALGORITHMS = ("sft", "reward", "dpo")
 MODEL_PRESETS = ("tiny", "gpt2", "llama1b")
@@ -44,8 +45,6 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_RULES = sharding.DEFAULT_RULES
 
 
-class ConfigError(ValueError):
-    """An invalid config field; the message starts with ``config.<field>``."""
 
 
 def base_config(algorithm: str) -> ml_collections.ConfigDict:
@@ -186,6 +185,10 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Non-finite loss or gradient: "skip" (keep the old weights, count it) | "stop" (checkpoint the
     # last good state and stop with the step and the offending metric).
     train.nonfinite = "skip"
+    # Resume a run directory although the config (or the data) differs from the recorded run in
+    # fields that change the result; the changes are recorded in run.json and summary.txt.
+    # Without it such a resumption is refused, naming each field (see docs/training.md).
+    train.resume_with_changes = False
 
     config.eval = ev = ml_collections.ConfigDict()
     # Held-out batches per evaluation (0 = the whole eval split).
@@ -494,6 +497,8 @@ def validate(config, num_devices: int | None = None) -> None:
     _positive(config, "train.log_every")
     _positive(config, "train.eval_every", zero_ok=True)
     _choice(config, "train.nonfinite", NONFINITE)
+    if not isinstance(config.train.resume_with_changes, bool):
+        _fail("train.resume_with_changes", config.train.resume_with_changes, "must be True/False")
     _positive(config, "eval.num_batches", zero_ok=True)
     _positive(config, "eval.num_prompts")
     _positive(config, "eval.max_new_tokens")

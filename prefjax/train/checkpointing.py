@@ -8,7 +8,8 @@ A checkpoint is one orbax step directory ``<workdir>/checkpoints/<step>/`` holdi
 * ``data``: the train iterator's ``get_state()`` dict, so a resumed run sees the batches it would
   have seen;
 * ``config``: the run's config as JSON (what produced the checkpoint);
-* ``meta``: the step, wall-clock time and why the checkpoint was written.
+* ``meta``: the step, wall-clock time and why the checkpoint was written, plus the loop's
+  logging window in progress and its count of skipped steps.
 
 Writes are atomic (orbax writes to a temporary directory, writes ``commit_success.txt`` and then
 renames). On resumption :meth:`Checkpointer.restore_latest` takes the newest *complete* step: a step
@@ -77,12 +78,23 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0
 
     def save(
-        self, step: int, state, data_state: dict, config_json: dict, *, reason: str = "periodic"
+        self,
+        step: int,
+        state,
+        data_state: dict,
+        config_json: dict,
+        *,
+        reason: str = "periodic",
+        meta: dict | None = None,
     ) -> bool:
-        """Writes a checkpoint at ``step`` (a no-op if that step already exists)."""
+        """Writes a checkpoint at ``step`` (a no-op if that step already exists).
+
+        ``meta`` adds JSON-able entries to the ``meta`` item (the loop stores its logging
+        window there, so a resumed run's first record averages the same steps).
+        """
         if step in self._manager.all_steps():
             return False
-        meta = {"step": int(step), "time": time.time(), "reason": reason}
+        meta = {**(meta or {}), "step": int(step), "time": time.time(), "reason": reason}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),

@@ -127,30 +127,44 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drops records newer than ``step`` (written after the checkpoint a run resumes from)."""
+        """Drops records newer than ``step`` (written after the checkpoint a run resumes from),
+        and a last line cut short by a crash. The file is replaced atomically: a crash during
+        the rewrite leaves the old file or the new one, never a shorter one."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = [r for r in read_records(self.path) if r.get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        records = _parse_lines(lines, self.path)
+        kept = [line for line, r in zip(lines, records, strict=True) if r and r["step"] <= step]
+        if len(kept) == sum(r is not None for r in records) == len(lines):
+            return  # nothing to drop
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(line + "\n" for line in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
-    def write(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
+    def write(
+        self, step: int, metrics: Mapping[str, float], *, split: str = "train", note: str = ""
+    ) -> None:
+        """Appends one record; ``note`` (e.g. ``"mean of steps 1-20"``) labels the console line."""
         if not self.enabled:
             return
         values = {k: _finite_float(v) for k, v in metrics.items()}
         values = {k: v for k, v in values.items() if v is not None}
         record = {"step": int(step), "split": split, "time": time.time(), **values}
+        # NaN/inf are written as JSON null so the file stays standard JSON. One write call per
+        # record: a crash can cut only the last line short, which readers then ignore.
+        line = json.dumps({k: (None if _nonfinite(v) else v) for k, v in record.items()}) + "\n"
         with open(self.path, "a") as f:
-            # NaN/inf are written as JSON null so the file stays standard JSON.
-            f.write(json.dumps({k: (None if _nonfinite(v) else v) for k, v in record.items()}))
-            f.write("\n")
+            f.write(line)
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name if split == "train" else name, value, step)
             self._tb.flush()
         if self.console:
-            self.print_fn(format_line(step, values, split))
+            self.print_fn(format_line(step, values, split, note=note))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -186,9 +200,13 @@ CONSOLE_METRICS = (
 )
 
 
-def format_line(step: int, values: Mapping[str, float], split: str) -> str:
-    """``[train] step 40 | loss 0.612 | rewards/accuracy 0.750 | ...`` (a handful of keys)."""
-    parts = [f"[{split}] step {step}"]
+def format_line(step: int, values: Mapping[str, float], split: str, note: str = "") -> str:
+    """``[train] step 40 (mean of steps 21-40) | loss 0.612 | ...`` (a handful of keys).
+
+    Train lines show means over the logging window (the progress bar shows the last step's
+    loss, labelled ``last loss``); eval lines show one evaluation of the held-out split.
+    """
+    parts = [f"[{split}] step {step}" + (f" ({note})" if note else "")]
     for name in CONSOLE_METRICS:
         if name in values:
             parts.append(f"{name.removeprefix('eval/')} {values[name]:.4g}")
@@ -196,14 +214,33 @@ def format_line(step: int, values: Mapping[str, float], split: str) -> str:
 
 
 def read_records(path: str) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (``None`` values kept as NaN)."""
-    records = []
+    """The records of a ``metrics.jsonl`` file (``None`` values kept as NaN).
+
+    A last line cut short (the process was killed while writing it) is ignored; a damaged line
+    anywhere else is an error naming the file and line.
+    """
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                records.append({k: (math.nan if v is None else v) for k, v in record.items()})
-    return records
+        lines = f.read().splitlines()
+    records = [r for r in _parse_lines(lines, path) if r is not None]
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
+
+
+def _parse_lines(lines: Sequence[str], path: str) -> list[dict | None]:
+    """One record (or ``None`` for a blank or cut-short last line) per line."""
+    out: list[dict | None] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            out.append(None)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # the write in progress when the process died
+                out.append(None)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({err.msg})") from None
+        out.append(record if isinstance(record, dict) and "step" in record else None)
+    return out
 
 
 def series(records: Sequence[dict], name: str) -> tuple[np.ndarray, np.ndarray]:

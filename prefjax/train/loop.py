@@ -42,6 +42,7 @@ import numpy as np
 from prefjax import sharding
 from prefjax.train import checkpointing, inputs
 from prefjax.train import logging as metric_logging
+from prefjax.train import workdir as run_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -151,7 +152,7 @@ def _sft_warmup_config(config) -> ml_collections.ConfigDict:
     return warm
 
 
-def _initial_params(config, model, tokenizer, workdir: str, is_main: bool):
+def _initial_params(config, model, tokenizer, workdir: str, is_main: bool, parent):
     """Policy params before training: init_from checkpoint, SFT warm-up, or the model's own."""
     if config.model.init_from:
         params = checkpointing.restore_params(config.model.init_from)
@@ -170,7 +171,14 @@ def _initial_params(config, model, tokenizer, workdir: str, is_main: bool):
         warm_dir = os.path.join(workdir, "sft_warmup")
         if is_main:
             print(f"SFT warm-up: {warm_steps} steps in {warm_dir}", flush=True)
-        result = run(warm_config, warm_dir, sft, _stage="sft warm-up", _model=(model, tokenizer))
+        result = run(
+            warm_config,
+            warm_dir,
+            sft,
+            _stage="sft warm-up",
+            _model=(model, tokenizer),
+            _parent=parent,
+        )
         if result.status != "finished":
             raise _Preempted(result)
         return jax.device_get(result.setup.policy_params(result.state.params, result.setup.frozen))
@@ -192,6 +200,7 @@ def run(
     step_hook: Callable[[int, Any, dict], None] | None = None,
     _stage: str = "",
     _model=None,
+    _parent=None,
 ) -> RunResult:
     """Trains ``algorithm`` as ``config`` says, in ``workdir``; see the module docstring.
 
@@ -216,11 +225,41 @@ def run(
     derived = common.derived(config, jax.device_count(), workdir)
     workdir = derived.workdir
     is_main = jax.process_index() == 0
+    config_json = _config_json(config)
+    # Before anything is written: is this directory ours to use (see prefjax.train.workdir)?
+    wd = run_dir.Workdir(
+        workdir,
+        config.algorithm.name,
+        config_json,
+        allow_changes=bool(config.train.resume_with_changes),
+        is_main=is_main,
+        parent=_parent,
+    ).open()
+    try:
+        return _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _model)
+    except BaseException:
+        if wd.discard() and is_main:
+            print(
+                f"{'[' + _stage + '] ' if _stage else ''}the run failed before its first step; "
+                f"removed the workdir it had created ({wd.path}).",
+                flush=True,
+            )
+        raise
+    finally:
+        wd.release()
+
+
+def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _model):
+    workdir = wd.path
+    is_main = jax.process_index() == 0
     tag = f"[{_stage}] " if _stage else ""
+    config_json = wd.config_json
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_json(config), f, indent=2, sort_keys=True)
+            json.dump(config_json, f, indent=2, sort_keys=True)
+        for change in wd.changes:
+            kind = "restart" if wd.restart else ("allowed" if change.free else "override")
+            print(f"{tag}config change ({kind}): {change.describe()}", flush=True)
     stop = _StopRequest()
 
     mesh = sharding.make_mesh(config.mesh)
@@ -231,7 +270,7 @@ def run(
     else:
         model, tokenizer = inputs.build_model(config, model_key, head=derived.head)
     try:
-        params = _initial_params(config, model, tokenizer, workdir, is_main)
+        params = _initial_params(config, model, tokenizer, workdir, is_main, wd)
     except _Preempted as p:
         return p.result._replace(workdir=workdir)
     if params is not None:
@@ -240,6 +279,8 @@ def run(
     data = inputs.build_data(config, tokenizer, derived.batch_kind)
     if is_main:
         print(f"{tag}data: {data.description}", flush=True)
+    # Same config, other data (a file edited in place) is refused like a changed config.
+    wd.check_data(run_dir.data_fingerprint([data.train, data.eval.dataset]))
     if config.algorithm.reference == "precomputed":
         t0 = time.time()
         inputs.add_reference_logps(algorithm, config, model, mesh, data)
@@ -261,8 +302,16 @@ def run(
     if restored is not None:
         state, start = restored.state, restored.step
         train_iter.set_state(restored.data_state)
-        if is_main:
+        if is_main and start >= config.train.num_steps:
+            print(
+                f"{tag}this run already finished at step {start} "
+                f"(train.num_steps={config.train.num_steps}); nothing to train. Raise "
+                "--config.train.num_steps to extend it.",
+                flush=True,
+            )
+        elif is_main:
             print(f"{tag}resumed from step {start} ({restored.meta.get('reason')})", flush=True)
+    wd.begin(start)
 
     num_steps = config.train.num_steps
     progress = metric_logging.Progress(
@@ -274,20 +323,32 @@ def run(
         enabled=is_main,
         print_fn=progress.write,
     )
-    writer.truncate_after(start)
-    config_json = _config_json(config)
+    # Records newer than the checkpoint resumed from were written by an invocation that did
+    # not get to checkpoint them: they are recomputed now, so each step keeps one record. (A run
+    # with no checkpoint yet starts again from step 0, step-0 evaluation included.)
+    writer.truncate_after(start if restored is not None else -1)
 
-    def save(step, reason):
+    def save(step, reason, *, fetch=True):
         if ckpt is not None:
-            ckpt.save(step, state, train_iter.get_state(), config_json, reason=reason)
+            if fetch and pending:  # the window saved with the checkpoint holds host values
+                window.extend(to_host(pending))
+                pending.clear()
+            extra = {"window": window, "skipped_total": skipped_total}
+            ckpt.save(step, state, train_iter.get_state(), config_json, reason=reason, meta=extra)
 
     eval_metrics: dict = {}
     if start == 0 and config.train.eval_every:
         eval_metrics = evaluate(setup, state.params, data.eval, config)
         writer.write(0, eval_metrics, split="eval")
 
-    status, step, window = "finished", start, []
-    skipped_total = _skipped_before(writer.path, start) if is_main else 0
+    status, step = "finished", start
+    # The logging window in progress at the checkpoint travels with it, so the first record
+    # after a resumption averages the same steps as an uninterrupted run's.
+    window: list[dict] = list(restored.meta.get("window", [])) if restored else []
+    if restored is not None and "skipped_total" in restored.meta:
+        skipped_total = int(restored.meta["skipped_total"])
+    else:
+        skipped_total = _skipped_before(writer.path, start) if is_main else 0
     t_start, steps_run = time.time(), 0
     # Metrics stay on the device until a logging step, so the host prepares and dispatches the
     # next batches while the device computes (a per-step fetch would wait for every step). They
@@ -308,7 +369,7 @@ def run(
                 m["train/skipped"] = 1.0
                 skipped_total += 1
                 if config.train.nonfinite == "stop":
-                    save(s, "nonfinite")
+                    save(s, "nonfinite", fetch=False)  # called while fetching
                     if ckpt:
                         ckpt.wait()
                     names = ", ".join(f"{n}={m[n]}" for n in bad) or "loss/gradient"
@@ -330,6 +391,8 @@ def run(
                 batch = setup.shard_batch(next(train_iter))
                 state, metrics = setup.train_step(state, batch, setup.frozen, step_key)
                 steps_run += 1
+                if steps_run == 1:
+                    wd.mark_step()
                 pending.append((step, metrics))
                 if sync_every_step:
                     (metrics,) = to_host(pending)
@@ -337,18 +400,20 @@ def run(
                     window.append(metrics)
                     if step_hook is not None:
                         step_hook(step, state, metrics)
-                    progress.update(1, loss=metrics.get("loss", float("nan")))
+                    progress.update(1, **{"last loss": metrics.get("loss", float("nan"))})
                 else:
                     progress.update(1)
                 if step % config.train.log_every == 0 or step == num_steps:
                     if pending:
                         window.extend(to_host(pending))
                         pending.clear()
-                        progress.update(0, loss=window[-1].get("loss", float("nan")))
+                        progress.update(0, **{"last loss": window[-1].get("loss", float("nan"))})
                     record = _mean_records(window)
                     record["train/skipped_total"] = float(skipped_total)
                     record["steps_per_second"] = steps_run / max(time.time() - t_start, 1e-9)
-                    writer.write(step, record)
+                    writer.write(
+                        step, record, note=f"mean of steps {step - len(window) + 1}-{step}"
+                    )
                     window = []
                 evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
                 if evaluate_now or (step == num_steps and not _stage):
@@ -376,7 +441,7 @@ def run(
             flush=True,
         )
     if is_main and status == "finished" and not _stage:
-        _report(config, workdir, derived, setup, state)
+        _report(config, wd, derived, setup, state)
     return RunResult(state, step, status, eval_metrics, workdir, setup)
 
 
@@ -391,15 +456,23 @@ def _skipped_before(metrics_path: str, step: int) -> int:
     return int(totals[-1]) if totals else 0
 
 
-def _report(config, workdir, derived, setup, state) -> None:
+def _report(config, wd, derived, setup, state) -> None:
     """End of run: curves, summary table, optional Hugging Face export."""
+    workdir = wd.path
     records = metric_logging.read_records(os.path.join(workdir, "metrics.jsonl"))
     title = f"{config.algorithm.name} ({config.algorithm.loss}) on {config.data.task}"
+    changes = wd.accepted_changes()
+    if changes:  # the run was continued under other values: say so wherever it is shown
+        title += f" -- resumed with {len(changes)} change(s), see summary.txt"
     if config.logging.plot:
         path = metric_logging.plot_curves(records, os.path.join(workdir, "curves.png"), title=title)
         if path:
             print(f"curves: {path}")
     table = metric_logging.summary_table(records)
+    if changes:
+        table += "\n\nresumed with changes (train.resume_with_changes=true; see run.json):"
+        for c in changes:
+            table += f"\n  from step {c['step']}: {c['field']}: {c['old']!r} -> {c['new']!r}"
     with open(os.path.join(workdir, "summary.txt"), "w") as f:
         f.write(title + "\n" + table + "\n")
     print(table, flush=True)
