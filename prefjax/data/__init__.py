@@ -21,6 +21,7 @@ from prefjax.data.loaders import load_split_datasets as load_split_datasets
 from prefjax.data.readers import read_records as read_records
 from prefjax.data.readers import write_jsonl as write_jsonl
 from prefjax.data.schemas import detect_kind as detect_kind
+from prefjax.data.schemas import detect_kind_of_rows as detect_kind_of_rows
 from prefjax.data.schemas import normalize as normalize
 from prefjax.data.schemas import split_common_prefix as split_common_prefix
 from prefjax.data.schemas import validate_rows as validate_rows

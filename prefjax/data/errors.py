@@ -23,7 +23,9 @@ class DataError(ValueError):
     """A malformed input row, located by ``source`` (a file), ``index`` and ``field``.
 
     ``index`` is a 1-based line number for JSONL files (``index_kind="line"``) and a 0-based
-    record index for JSON lists, Parquet and TFDS (``index_kind="record"``).
+    record index for JSON lists, Parquet and TFDS (``index_kind="record"``); a fault that breaks
+    a whole ``.json`` file (not JSON, not UTF-8) is located by its line. ``code`` says what kind
+    of fault it is (``missing_field``, ``json``, ``encoding``, ``empty``, ...).
     """
 
     def __init__(
@@ -72,7 +74,13 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class DropReport:
-    """Rows removed by a loader running with ``on_error="drop"``, each with its error."""
+    """Rows removed by a loader running with ``on_error="drop"``, each with its error.
+
+    With ``max_stored`` set, only the first ``max_stored`` errors are kept as objects in
+    ``dropped``; later ones are only counted (``not_stored``, by code), so a file with millions
+    of bad rows does not hold millions of errors. ``len(report)`` and :meth:`counts` include
+    them.
+    """
 
     dropped: list[DataError] = dataclasses.field(default_factory=list)
     kept: int = 0
@@ -80,30 +88,81 @@ class DropReport:
     # duplicates (with allow_duplicates=True).
     contradictions: list = dataclasses.field(default_factory=list)
     duplicates: list = dataclasses.field(default_factory=list)
+    max_stored: int | None = None
+    not_stored: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, err: DataError) -> None:
-        self.dropped.append(err)
+        """Records a dropped row and logs it."""
         logger.warning("dropped row: %s", err)
+        self.record(err)
+
+    def record(self, err: DataError) -> None:
+        """Records a dropped row without logging it (kept, or counted past ``max_stored``)."""
+        if self.max_stored is not None and len(self.dropped) >= self.max_stored:
+            self.not_stored[err.code] = self.not_stored.get(err.code, 0) + 1
+        else:
+            self.dropped.append(err)
 
     def extend(self, other: DropReport) -> None:
-        self.dropped.extend(other.dropped)
+        for err in other.dropped:
+            self.record(err)
+        for code, n in other.not_stored.items():
+            self.not_stored[code] = self.not_stored.get(code, 0) + n
         self.contradictions.extend(other.contradictions)
         self.duplicates.extend(other.duplicates)
 
     def counts(self) -> dict[str, int]:
         """Number of dropped rows per error code (``missing_field``, ``duplicate``, ...)."""
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.not_stored)
         for err in self.dropped:
             out[err.code] = out.get(err.code, 0) + 1
         return out
 
+    @property
+    def num_not_stored(self) -> int:
+        """Dropped rows counted past ``max_stored`` (their errors were not kept)."""
+        return sum(self.not_stored.values())
+
     def __len__(self) -> int:
-        return len(self.dropped)
+        return len(self.dropped) + self.num_not_stored
 
     def summary(self) -> str:
-        lines = [f"kept {self.kept} rows, dropped {len(self.dropped)}"]
+        lines = [f"kept {self.kept} rows, dropped {len(self)}"]
         lines += [f"  {err}" for err in self.dropped]
+        if self.not_stored:
+            n, cap = self.num_not_stored, self.max_stored
+            lines.append(f"  ... and {n} more, counted but not kept (max_stored={cap})")
         return "\n".join(lines)
+
+
+def merge_reports(*reports: DropReport, max_stored: int | None = None) -> DropReport:
+    """One report of several (say a file's read errors and its validation errors): errors in
+    file order, then line/record order, at most ``max_stored`` kept; the last report's
+    ``kept``, everyone's contradictions, duplicates and uncounted errors."""
+    out = DropReport(max_stored=max_stored, kept=reports[-1].kept if reports else 0)
+    order: dict = {}
+
+    def position(err):
+        return (order.setdefault(err.source, len(order)), -1 if err.index is None else err.index)
+
+    for err in sorted((e for r in reports for e in r.dropped), key=position):
+        out.record(err)
+    for r in reports:
+        for code, n in r.not_stored.items():
+            out.not_stored[code] = out.not_stored.get(code, 0) + n
+        out.contradictions.extend(r.contradictions)
+        out.duplicates.extend(r.duplicates)
+    return out
+
+
+class RecordList(list):
+    """The rows a reader returns (a plain ``list`` of :class:`Row`), plus ``errors``: a
+    :class:`DropReport` of the lines or records that could not be read or validated, filled
+    when the reader runs with ``on_error="collect"`` or ``"drop"`` (empty with ``"raise"``)."""
+
+    def __init__(self, rows=(), errors: DropReport | None = None):
+        super().__init__(rows)
+        self.errors = errors if errors is not None else DropReport()
 
 
 @dataclasses.dataclass

@@ -1,8 +1,11 @@
 """Readers for local JSONL, JSON, Parquet and TFDS data.
 
-Each reader returns a list of :class:`~prefjax.data.errors.Row` objects: the raw record plus
-its file and position, so later validation errors point at the line (JSONL, 1-based) or the
-record index (JSON, Parquet, TFDS; 0-based). Nothing here downloads anything.
+Each reader returns a :class:`~prefjax.data.errors.RecordList` (a list) of
+:class:`~prefjax.data.errors.Row` objects: the raw record plus its file and position, so later
+validation errors point at the line (JSONL, 1-based) or the record index (JSON, Parquet, TFDS;
+0-based). Files are read as bytes and decoded line by line, so a byte that is not UTF-8 is an
+error naming its line and byte offset (in the decompressed stream for ``.gz`` files). Nothing
+here downloads anything.
 """
 
 from __future__ import annotations
@@ -10,58 +13,155 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 
-from prefjax.data.errors import DataError, Row
+from prefjax.data.errors import DataError, DropReport, RecordList, Row
 
 JSON_LIST_KEYS = ("data", "rows", "examples", "records")
+ON_ERROR = ("raise", "collect", "drop")
+# What a broken gzip stream raises: a bad header, a truncated stream, corrupt deflate data.
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def read_jsonl(path: str) -> list[Row]:
-    """One JSON object per line; blank lines are skipped; rows are located by line number."""
-    rows = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"invalid JSON: {e.msg} (column {e.colno})",
-                    source=path,
-                    index=lineno,
-                    index_kind="line",
-                    code="json",
-                ) from None
-            if not isinstance(rec, dict):
-                raise DataError(
-                    f"line must hold a JSON object, got {type(rec).__name__}",
-                    source=path,
-                    index=lineno,
-                    index_kind="line",
-                    code="wrong_type",
-                )
-            rows.append(Row(rec, path, lineno, "line"))
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def _fail(err: DataError, on_error: str, report: DropReport) -> None:
+    """Raises ``err`` (``on_error="raise"``) or records it (``"drop"`` also logs it)."""
+    if on_error == "raise":
+        raise err
+    if on_error == "drop":
+        report.add(err)
+    else:
+        report.record(err)
+
+
+def _utf8_error(path, data: bytes, pos: int, line_start: int, lineno: int) -> DataError:
+    """``data`` is the line from its first byte; ``pos`` the bad byte's position in it."""
+    column = len(data[:pos].decode("utf-8")) + 1  # in characters; the bytes before pos decode
+    stream = " of the decompressed data" if path.endswith(".gz") else ""
+    return DataError(
+        f"not valid UTF-8: byte 0x{data[pos]:02x} at byte offset {line_start + pos}{stream} "
+        f"(column {column})",
+        source=path,
+        index=lineno,
+        index_kind="line",
+        code="encoding",
+    )
+
+
+def _gzip_error(path: str, err: Exception, offset: int, lineno: int | None) -> DataError:
+    where = f" after byte offset {offset} of the decompressed data" if offset else ""
+    return DataError(
+        f"not valid gzip data{where}: {err}",
+        source=path,
+        index=lineno,
+        index_kind="line",
+        code="gzip",
+    )
+
+
+def read_jsonl(
+    path: str, *, on_error: str = "raise", max_stored_errors: int | None = None
+) -> RecordList:
+    """One JSON object per line; blank lines are skipped; rows are located by line number.
+
+    With ``on_error="collect"`` (or ``"drop"``, which also logs) a line that is not UTF-8, not
+    JSON or not an object becomes a :class:`DataError` in the result's ``errors`` (keeping at
+    most ``max_stored_errors`` of them, counting the rest) and reading goes on with the next
+    line; ``"raise"`` raises the first. A gzip stream that breaks off ends the reading.
+    """
+    _check_on_error(on_error)
+    rows = RecordList(errors=DropReport(max_stored=max_stored_errors))
+    offset = lineno = 0
+    with _open_bytes(path) as f:
+        try:
+            for data in f:
+                lineno += 1
+                line_start, offset = offset, offset + len(data)
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    err = _utf8_error(path, data, e.start, line_start, lineno)
+                    _fail(err, on_error, rows.errors)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line.rstrip("\r\n"))  # a fault at the end is on this line
+                except json.JSONDecodeError as e:
+                    err = DataError(
+                        f"invalid JSON: {e.msg} (column {e.colno})",
+                        source=path,
+                        index=lineno,
+                        index_kind="line",
+                        code="json",
+                    )
+                    _fail(err, on_error, rows.errors)
+                    continue
+                if not isinstance(rec, dict):
+                    err = DataError(
+                        f"line must hold a JSON object, got {type(rec).__name__}",
+                        source=path,
+                        index=lineno,
+                        index_kind="line",
+                        code="wrong_type",
+                    )
+                    _fail(err, on_error, rows.errors)
+                    continue
+                rows.append(Row(rec, path, lineno, "line"))
+        except _GZIP_ERRORS as e:  # only a .gz stream raises these
+            if not offset:  # not gzip at all: nothing to locate or continue from
+                raise _gzip_error(path, e, 0, None) from None
+            _fail(_gzip_error(path, e, offset, lineno + 1), on_error, rows.errors)
     return rows
 
 
-def read_json(path: str) -> list[Row]:
-    """A JSON list of objects, or an object holding one under ``data``/``rows``/``examples``."""
-    with _open_text(path) as f:
+def _read_bytes(path: str) -> bytes:
+    with _open_bytes(path) as f:
         try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
-                source=path,
-                code="json",
-            ) from None
+            return f.read()
+        except _GZIP_ERRORS as e:
+            raise _gzip_error(path, e, 0, None) from None
+
+
+def read_json(
+    path: str, *, on_error: str = "raise", max_stored_errors: int | None = None
+) -> RecordList:
+    """A JSON list of objects, or an object holding one under ``data``/``rows``/``examples``.
+
+    A file that is not UTF-8 or not JSON as a whole raises one :class:`DataError` located at
+    the line of the fault, whatever ``on_error`` says: nothing after it can be read. Records
+    that are not objects follow ``on_error`` as in :func:`read_jsonl`.
+    """
+    _check_on_error(on_error)
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise _utf8_error(
+            path, data[line_start : e.start + 1], e.start - line_start, line_start, lineno
+        ) from None
+    if not text.strip():  # a blank file holds no records (read_records says so)
+        return RecordList(errors=DropReport(max_stored=max_stored_errors))
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"invalid JSON: {e.msg} (column {e.colno})",
+            source=path,
+            index=e.lineno,
+            index_kind="line",
+            code="json",
+        ) from None
     if isinstance(obj, dict):
         key = next((k for k in JSON_LIST_KEYS if isinstance(obj.get(k), list)), None)
         if key is None:
@@ -75,25 +175,34 @@ def read_json(path: str) -> list[Row]:
         raise DataError(
             f"JSON must be a list of records, got {type(obj).__name__}", source=path, code="layout"
         )
-    rows = []
+    rows = RecordList(errors=DropReport(max_stored=max_stored_errors))
     for i, rec in enumerate(obj):
         if not isinstance(rec, dict):
-            raise DataError(
+            err = DataError(
                 f"record must be a JSON object, got {type(rec).__name__}",
                 source=path,
                 index=i,
                 code="wrong_type",
             )
+            _fail(err, on_error, rows.errors)
+            continue
         rows.append(Row(rec, path, i, "record"))
     return rows
 
 
-def read_parquet(path: str) -> list[Row]:
+def read_parquet(path: str) -> RecordList:
     """A Parquet table (pyarrow); list<struct<role, content>> columns become conversations."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    return [Row(rec, path, i, "record") for i, rec in enumerate(table.to_pylist())]
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as e:
+        msg = " ".join(str(e).split())
+        raise DataError(
+            f"not a readable Parquet file: {msg}", source=path, code="parquet"
+        ) from None
+    return RecordList(Row(rec, path, i, "record") for i, rec in enumerate(table.to_pylist()))
 
 
 def is_tfds_dir(path: str) -> bool:
@@ -102,43 +211,77 @@ def is_tfds_dir(path: str) -> bool:
 
 
 def read_records(
-    path: str, kind: str | None = None, *, split: str = "train", on_error: str = "raise"
-) -> list[Row]:
+    path: str,
+    kind: str | None = None,
+    *,
+    split: str = "train",
+    on_error: str = "raise",
+    max_stored_errors: int | None = None,
+) -> RecordList:
     """Reads a local file by extension (``.jsonl``, ``.json``, ``.parquet``, optionally
     ``.gz``), or a prepared TFDS dataset folder (its ``split``).
 
     With ``kind`` (``pairwise``, ``listwise``, ``unpaired``, ``sft``, ``prompt``) the rows are
-    also validated and normalised to that kind (HH / UltraFeedback / A-B layouts recognised),
-    raising the first :class:`DataError` or, with ``on_error="drop"``, dropping and logging bad
-    rows; without ``kind`` they are the raw records. Rows read like dicts.
+    also validated and normalised to that kind (HH / UltraFeedback / A-B layouts recognised);
+    without ``kind`` they are the raw records. Rows read like dicts.
+
+    ``on_error`` covers both reading and validation: ``"raise"`` the first
+    :class:`DataError`; ``"collect"`` the bad lines and rows into the result's ``errors`` (a
+    :class:`DropReport`, in line order, at most ``max_stored_errors`` kept, the rest counted) and
+    go on; ``"drop"`` likewise, also logging each one. A file with no records at all (0 bytes,
+    blank lines, ``[]``, an empty table) raises ``DataError("<file>: holds no records ...")``.
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "x.jsonl")
-    >>> _ = open(p, "w").write('{"prompt": "a"}\\n\\n{"prompt": "b"}\\n')
-    >>> [(r.index, r.data["prompt"]) for r in read_records(p)]
+    >>> _ = open(p, "w").write('{"prompt": "a"}\\n\\n{"prompt": "b"}\\n{"prompt": \\n')
+    >>> rows = read_records(p, on_error="collect")
+    >>> [(r.index, r.data["prompt"]) for r in rows]
     [(1, 'a'), (3, 'b')]
+    >>> print(rows.errors.dropped[0])  # doctest: +ELLIPSIS
+    /.../x.jsonl:4: invalid JSON: Expecting value (column 12)
     """
+    _check_on_error(on_error)
     path = os.fspath(path)
-    rows = _read_raw(path, split)
-    if kind is None:
+    rows = _read_raw(path, split, on_error, max_stored_errors)
+    if not rows and not rows.errors:
+        raise DataError(f"holds no records ({_nothing(path, split)})", source=path, code="empty")
+    if kind is None or not rows:
         return rows
+    from prefjax.data.errors import merge_reports
     from prefjax.data.schemas import validate_rows
 
-    return validate_rows(rows, kind, on_error=on_error)[1]
+    _, good, report = validate_rows(
+        rows, kind, on_error=on_error, max_stored_errors=max_stored_errors
+    )
+    return RecordList(good, merge_reports(rows.errors, report, max_stored=max_stored_errors))
 
 
-def _read_raw(path: str, split: str) -> list[Row]:
+def _nothing(path: str, split: str) -> str:
+    """Says what an empty input holds, for the "holds no records" message."""
+    if is_tfds_dir(path):
+        return f"split {split!r} has no examples"
+    if not path.endswith(".gz") and os.path.getsize(path) == 0:
+        return "0 bytes"
+    base = path[:-3] if path.endswith(".gz") else path
+    if base.endswith(".parquet") or base.endswith(".pq"):
+        return "a table with 0 rows"
+    if base.endswith(".json"):
+        return "an empty JSON list" if _read_bytes(path).strip() else "only blanks"
+    return "only blank lines"
+
+
+def _read_raw(path: str, split: str, on_error: str, max_stored_errors: int | None) -> RecordList:
     if is_tfds_dir(path):
         from prefjax.data.tfds_builder import read_tfds
 
-        return read_tfds(path, split=split)
+        return RecordList(read_tfds(path, split=split))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such data file: {path}")
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".jsonl") or base.endswith(".ndjson"):
-        return read_jsonl(path)
+        return read_jsonl(path, on_error=on_error, max_stored_errors=max_stored_errors)
     if base.endswith(".json"):
-        return read_json(path)
+        return read_json(path, on_error=on_error, max_stored_errors=max_stored_errors)
     if base.endswith(".parquet") or base.endswith(".pq"):
         return read_parquet(path)
     raise ValueError(

@@ -29,13 +29,15 @@ Recognised input layouts (:func:`normalize`):
 
 Every problem raises a :class:`~prefjax.data.errors.DataError` naming file, line/record and
 field, with a ``code``: ``missing_field``, ``wrong_type``, ``empty``, ``identical``, ``label``,
-``tie``, ``ranking``, ``duplicate``, ``layout``.
+``tie``, ``ranking``, ``duplicate``, ``layout``, ``kind`` (a row of another kind than the
+file's detected one).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from prefjax.data.errors import DataError, DropReport, Row
@@ -58,20 +60,71 @@ _AB_LABELS = {
 }
 
 
+_PAIRWISE_KEYS = frozenset({"chosen", "rejected", "response_a", "response_b"})
+_LISTWISE_KEYS = frozenset({"responses", "ranking", "scores"})
+
+
 def detect_kind(record: Mapping) -> str:
-    """Guesses the kind of one raw record from its keys."""
+    """Guesses the kind of one raw record from its keys.
+
+    A key only one kind has decides, even when the kind's other keys are missing, so a
+    malformed row is never taken for a valid row of another kind (normalising it then names the
+    missing field): any of ``chosen`` / ``rejected`` / ``response_a`` / ``response_b`` is
+    pairwise; ``responses`` / ``ranking`` / ``scores`` listwise; ``label`` unpaired;
+    ``completion`` / ``response`` / ``messages`` sft; ``prompt`` alone prompt.
+
+    >>> detect_kind({"prompt": "q", "chosen": "a"})  # 'rejected' is missing, not a prompt row
+    'pairwise'
+    """
     keys = set(record)
-    if {"chosen", "rejected"} <= keys or {"response_a", "response_b"} <= keys:
+    if keys & _PAIRWISE_KEYS:
         return "pairwise"
-    if "responses" in keys:
+    if keys & _LISTWISE_KEYS:
         return "listwise"
-    if "label" in keys and ({"completion", "response"} & keys):
+    if "label" in keys:
         return "unpaired"
     if {"completion", "response"} & keys or "messages" in keys:
         return "sft"
     if "prompt" in keys:
         return "prompt"
     raise DataError(f"cannot tell the kind of record with keys {sorted(keys)}", code="layout")
+
+
+def _row_kind(row: Row) -> str | None:
+    """The kind of one row, or ``None`` when its keys say nothing."""
+    if not isinstance(row.data, Mapping):
+        return None
+    try:
+        return detect_kind(row.data)
+    except DataError:
+        return None
+
+
+def _kind_of(rows: Sequence[Row], kinds: Sequence[str | None]) -> str:
+    counts = Counter(k for k in kinds if k is not None)
+    if not counts:
+        if not rows:
+            raise DataError("no records to detect the kind from; pass kind=", code="empty")
+        first = rows[0]
+        keys = sorted(first.data) if isinstance(first.data, Mapping) else type(first.data).__name__
+        raise first.error(f"cannot tell the kind of record with keys {keys}", code="layout")
+    return counts.most_common(1)[0][0]  # ties: the kind seen first (Counter keeps that order)
+
+
+def detect_kind_of_rows(rows: Sequence[Row | Mapping]) -> str:
+    """The kind of a file (or list) of raw records: the most common :func:`detect_kind` of its
+    rows, ties going to the kind seen first. One malformed row, first or not, does not decide
+    the kind of the rest; rows whose keys fit no kind do not vote.
+
+    Raises:
+      DataError: no row fits any kind (located at the first row), or there are no rows.
+
+    >>> detect_kind_of_rows([{"prompt": "q"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ...                      {"prompt": "r", "chosen": "a", "rejected": "b"}])
+    'pairwise'
+    """
+    rows = [r if isinstance(r, Row) else Row(r, index=i) for i, r in enumerate(rows)]
+    return _kind_of(rows, [_row_kind(r) for r in rows])
 
 
 # ------------------------------------------------------------------------------ field checks
@@ -506,17 +559,23 @@ def validate_rows(
     *,
     on_error: str = "raise",
     allow_duplicates: bool = False,
+    max_stored_errors: int | None = None,
 ):
     """Normalises and validates rows, including cross-row duplicate checks.
 
     Args:
       rows: raw records (``Row`` objects keep their file/line for messages).
-      kind: example kind; ``None`` detects it from the first row.
+      kind: example kind; ``None`` detects it over all rows (:func:`detect_kind_of_rows`), and
+        a row that normalises as that kind but whose own keys say another kind (a pairwise row
+        in prompt data) is then an error (``code="kind"``); give ``kind`` to read every row as
+        that kind (the prompts of pairwise rows, say).
       on_error: ``"raise"`` the first error; ``"drop"`` bad rows (each listed in the report
         and logged); ``"collect"`` like drop but without logging (for reports).
       allow_duplicates: accept exact duplicate examples (otherwise they are errors); they are
         still counted in the report's ``duplicates`` (i.i.d. samples of a synthetic task repeat
         legitimately).
+      max_stored_errors: keep at most this many errors in the report (later ones are counted
+        by code only); ``None`` keeps all.
 
     Returns:
       ``(kind, good_rows, report)``: normalised rows, and a :class:`DropReport`; its
@@ -526,21 +585,22 @@ def validate_rows(
     if on_error not in ("raise", "drop", "collect"):
         raise ValueError(f"on_error must be 'raise', 'drop' or 'collect', got {on_error!r}")
     rows = [r if isinstance(r, Row) else Row(r, index=i) for i, r in enumerate(rows)]
-    report = DropReport()
-    report.contradictions = []
-    report.duplicates = []
+    report = DropReport(max_stored=max_stored_errors)
+    row_kinds = None
     if kind is None:
-        if not rows:
-            raise ValueError("no rows to detect the kind from; pass kind=")
-        try:
-            kind = detect_kind(rows[0].data)
-        except DataError as err:
-            raise err.with_location(rows[0].source, rows[0].index, rows[0].index_kind) from None
+        row_kinds = [_row_kind(r) for r in rows]
+        kind = _kind_of(rows, row_kinds)
     seen: dict = {}
     good: list[Row] = []
-    for row in rows:
+    for i, row in enumerate(rows):
         try:
             norm = normalize(row, kind)
+            if row_kinds is not None and row_kinds[i] not in (None, kind):
+                raise row.error(
+                    f"a {row_kinds[i]} row in data detected as {kind} (the kind of most rows; "
+                    f"pass kind={kind!r} to read every row as {kind})",
+                    code="kind",
+                )
             key = _dedup_key(kind, norm.data)
             if key in seen and allow_duplicates:
                 report.duplicates.append((seen[key], row))
@@ -569,7 +629,7 @@ def validate_rows(
             if on_error == "drop":
                 report.add(err)
             else:
-                report.dropped.append(err)
+                report.record(err)
             continue
         good.append(norm)
     report.kept = len(good)

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 
 from prefjax.data.errors import Row
 from prefjax.data.readers import read_records
-from prefjax.data.schemas import KINDS, detect_kind, validate_rows
+from prefjax.data.schemas import KINDS, detect_kind_of_rows, validate_rows
 
 NAME = "prefjax_preferences"
 _TEXT = {
@@ -172,7 +172,7 @@ def build_tfds(
     Args:
       split_files: ``{split: path or [paths]}``, or a path / list of paths (split ``train``).
       data_dir: the TFDS data directory to write into.
-      kind: example kind; ``None`` detects it from the first record of the first file.
+      kind: example kind; ``None`` detects it from the records of the first file.
       on_error: ``"raise"`` or ``"drop"`` (see :class:`PreferenceFiles`).
 
     Returns:
@@ -186,10 +186,8 @@ def build_tfds(
         s: [f] if isinstance(f, (str, os.PathLike)) else list(f) for s, f in split_files.items()
     }
     if kind is None:
-        first = read_records(os.fspath(next(iter(split_files.values()))[0]))
-        if not first:
-            raise ValueError("first data file is empty; pass kind=")
-        kind = detect_kind(first[0].data)
+        # read_records raises a DataError naming an empty file
+        kind = detect_kind_of_rows(read_records(os.fspath(next(iter(split_files.values()))[0])))
     builder = PreferenceFiles(
         split_files=split_files,
         on_error=on_error,

@@ -12,8 +12,13 @@ Runs the loaders' checks on every row (without stopping at the first error) and 
   chosen response is longer: the usual source of length bias in preference training);
 * with ``--against EVAL_FILE``, prompt leakage between the two sets.
 
-``--task sequence|bandit`` reports on a built-in task's generated data instead of a file. The
-exit status is 1 when any row has an error (or leakage is found), 0 otherwise.
+``--task sequence|bandit`` reports on a built-in task's generated data instead of a file.
+
+Reading goes on past a broken line (not JSON, not UTF-8, not an object), which is reported with
+the rows' errors; all errors are counted, the first ``--max-errors`` printed, and at most
+10,000 kept per file (``--json`` lists those). A file that cannot be read at all (missing,
+unreadable, empty, not JSON as a whole) is one ``ERROR`` line on stderr. The exit status is 1
+when any file or row has an error (or leakage is found), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from collections import Counter
 
 import numpy as np
 
-from prefjax.data.errors import DropReport
+from prefjax.data.errors import DataError, DropReport, merge_reports
 from prefjax.data.readers import read_records
-from prefjax.data.schemas import validate_rows
+from prefjax.data.schemas import KINDS, validate_rows
 from prefjax.data.splits import check_leakage, group_key
 from prefjax.data.tokenize import render_prompt, render_response
+
+# Error objects kept per file (all errors are counted): a file of bad rows can be huge.
+MAX_STORED_ERRORS = 10_000
 
 
 def _stats(values) -> dict:
@@ -48,14 +56,17 @@ def _stats(values) -> dict:
 
 def report_rows(kind, rows, errors: DropReport, tokenizer, num_read: int) -> dict:
     """The validation report of normalised ``rows`` (dict, JSON-able)."""
-    codes = Counter(e.code for e in errors.dropped)
+    codes = errors.counts()
     groups = Counter(group_key(r) for r in rows)
     rep = {
         "kind": kind,
         "rows_read": num_read,
         "valid_rows": len(rows),
-        "errors": len(errors.dropped),
+        "errors": len(errors),
         "errors_by_code": dict(sorted(codes.items())),
+        "error_messages": [str(e) for e in errors.dropped],
+        "errors_not_stored": errors.num_not_stored,
+        "max_stored_errors": errors.max_stored,
         "duplicates": codes.get("duplicate", 0) + len(errors.duplicates),
         "duplicates_allowed": len(errors.duplicates),
         "ties": codes.get("tie", 0),
@@ -104,7 +115,7 @@ def report_rows(kind, rows, errors: DropReport, tokenizer, num_read: int) -> dic
 def format_report(rep: dict, errors: DropReport, max_errors: int = 20) -> str:
     """Human-readable text of a :func:`report_rows` report."""
     out = [
-        f"== {rep.get('source', '<records>')} ({rep['kind']})",
+        f"== {rep.get('source', '<records>')} ({rep['kind'] or 'kind unknown'})",
         f"rows: {rep['rows_read']} read, {rep['valid_rows']} valid, {rep['errors']} with errors",
     ]
     if rep["errors_by_code"]:
@@ -139,10 +150,18 @@ def format_report(rep: dict, errors: DropReport, max_errors: int = 20) -> str:
         )
     if "frac_desirable" in rep:
         out.append(f"desirable: {rep['frac_desirable']:.1%}")
-    for err in errors.dropped[:max_errors]:
-        out.append(f"ERROR {err}")
-    if len(errors.dropped) > max_errors:
-        out.append(f"... and {len(errors.dropped) - max_errors} more errors")
+    shown = errors.dropped[: max(max_errors, 0)]
+    out.extend(f"ERROR {err}" for err in shown)
+    if len(errors.dropped) > len(shown):
+        out.append(
+            f"... and {len(errors.dropped) - len(shown)} more errors (--max-errors N prints "
+            f"more, --json lists all {len(errors.dropped)} kept)"
+        )
+    if errors.num_not_stored:
+        out.append(
+            f"... and {errors.num_not_stored} more errors were counted but not kept (at most "
+            f"{errors.max_stored} per file)"
+        )
     return "\n".join(out)
 
 
@@ -165,6 +184,52 @@ def _task_rows(task_name: str, kind: str, num: int, seed: int):
     task = make_task(task_name)
     recs = getattr(task, f"{kind}_records")(num, seed=seed)
     return as_rows(recs, source=f"task:{task_name}")
+
+
+def _check_source(name, rows, args, tokenizer):
+    """Reads (unless ``rows`` are given) and validates one source: ``(report, good, errors)``.
+
+    Raises the error of a source that cannot be read at all."""
+    cap = MAX_STORED_ERRORS
+    generated = rows is not None  # a task's i.i.d. samples repeat: duplicates are allowed
+    if rows is None:
+        rows = read_records(name, split=args.split, on_error="collect", max_stored_errors=cap)
+    read_errors = getattr(rows, "errors", DropReport())
+    kind, good, errors = args.kind, [], DropReport()
+    if rows:  # else every line was broken: nothing to detect or validate
+        kind, good, errors = validate_rows(
+            rows,
+            args.kind,
+            on_error="collect",
+            allow_duplicates=args.allow_duplicates or generated,
+            max_stored_errors=cap,
+        )
+    errors = merge_reports(read_errors, errors, max_stored=cap)
+    rep = report_rows(kind, good, errors, tokenizer, len(rows) + len(read_errors))
+    rep["source"] = name
+    return rep, good, errors
+
+
+def _one_line(err: Exception, name: str) -> str:
+    """An error as one line that names its file."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        msg = f"{err.filename}: {err.strerror}"
+    else:
+        msg = " ".join(line.strip() for line in str(err).splitlines()) or type(err).__name__
+    return msg if name in msg else f"{name}: {msg}"
+
+
+def _file_error_report(name: str, kind, err: Exception, msg: str) -> dict:
+    code = err.code if isinstance(err, DataError) else "io"
+    return {
+        "source": name,
+        "kind": kind,
+        "rows_read": 0,
+        "valid_rows": 0,
+        "errors": 1,
+        "errors_by_code": {code: 1},
+        "error_messages": [msg],
+    }
 
 
 def main(argv=None) -> int:
@@ -205,6 +270,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.files and not args.task:
         p.error("give FILE(s) or --task")
+    if args.kind is not None and args.kind not in KINDS:
+        p.error(f"--kind must be one of {', '.join(KINDS)}")
     tok = _tokenizer(args.tokenizer)
     status = 0
     sources = [(f, None) for f in args.files]
@@ -219,32 +286,31 @@ def main(argv=None) -> int:
     reports = []
     for name, rows in sources:
         try:
-            raw = rows if rows is not None else read_records(name, split=args.split)
-        except (OSError, ValueError) as err:  # unreadable file, invalid JSON
-            print(f"ERROR {err}", file=sys.stderr)
+            rep, good, errors = _check_source(name, rows, args, tok)
+        except (OSError, ValueError, EOFError) as err:  # missing, unreadable, empty, not JSON
+            msg = _one_line(err, name)
+            print(f"ERROR {msg}", file=sys.stderr)
             status = 1
+            reports.append(_file_error_report(name, args.kind, err, msg))
             continue
-        kind, good, errors = validate_rows(
-            raw,
-            args.kind,
-            on_error="collect",
-            allow_duplicates=args.allow_duplicates or rows is not None,
-        )
-        rep = report_rows(kind, good, errors, tok, len(raw))
-        rep["source"] = name
         reports.append(rep)
         all_rows.extend(good)
         if not args.json:
             print(format_report(rep, errors, args.max_errors))
-        if errors.dropped:
+        if len(errors):
             status = 1
     if args.against:
-        _, ev, ev_err = validate_rows(
-            read_records(args.against, split=args.split), args.kind, on_error="collect"
-        )
+        try:
+            eval_rows = read_records(args.against, split=args.split)
+            _, ev, ev_err = validate_rows(eval_rows, args.kind, on_error="collect")
+        except (OSError, ValueError, EOFError) as err:
+            print(f"ERROR {_one_line(err, args.against)}", file=sys.stderr)
+            return 1
         leak = check_leakage(all_rows, ev)
         if not args.json:
             print(leak.summary())
+            if len(ev_err):
+                print(f"{args.against}: {len(ev_err)} rows with errors (validate it for the list)")
         reports.append(
             {
                 "leakage": {
@@ -254,7 +320,7 @@ def main(argv=None) -> int:
                 }
             }
         )
-        if leak.leaks or ev_err.dropped:
+        if leak.leaks or len(ev_err):
             status = 1
     if args.json:
         print(json.dumps(reports, indent=2))
