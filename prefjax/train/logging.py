@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from prefjax.train import faults
+
 # Curves drawn at the end of a run: (panel title, [(metric name, label), ...]). A panel appears
 # when at least one of its metrics was recorded.
 PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
@@ -158,6 +160,10 @@ class MetricWriter:
         # record: a crash can cut only the last line short, which readers then ignore.
         line = json.dumps({k: (None if _nonfinite(v) else v) for k, v in record.items()}) + "\n"
         with open(self.path, "a") as f:
+            if faults.armed("metrics", step):  # crash-safety tests: die mid-record
+                f.write(line[: len(line) // 2])
+                f.flush()
+                faults.crash()
             f.write(line)
         if self._tb is not None:
             for name, value in values.items():

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from prefjax import sharding
-from prefjax.train import checkpointing, inputs
+from prefjax.train import checkpointing, faults, inputs
 from prefjax.train import logging as metric_logging
 from prefjax.train import workdir as run_dir
 
@@ -255,8 +255,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _m
     tag = f"[{_stage}] " if _stage else ""
     config_json = wd.config_json
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
+        wd.check_export_dir(derived.export_dir)
         for change in wd.changes:
             kind = "restart" if wd.restart else ("allowed" if change.free else "override")
             print(f"{tag}config change ({kind}): {change.describe()}", flush=True)
@@ -335,6 +334,10 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _m
                 pending.clear()
             extra = {"window": window, "skipped_total": skipped_total}
             ckpt.save(step, state, train_iter.get_state(), config_json, reason=reason, meta=extra)
+            faults.maybe_crash("checkpoint", step)
+            if faults.armed("committed", step):
+                ckpt.wait()
+                faults.crash()
 
     eval_metrics: dict = {}
     if start == 0 and config.train.eval_every:
@@ -391,6 +394,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _m
                 batch = setup.shard_batch(next(train_iter))
                 state, metrics = setup.train_step(state, batch, setup.frozen, step_key)
                 steps_run += 1
+                faults.maybe_crash("step", step)
                 if steps_run == 1:
                     wd.mark_step()
                 pending.append((step, metrics))
@@ -481,5 +485,6 @@ def _report(config, wd, derived, setup, state) -> None:
 
         params = jax.device_get(setup.policy_params(state.params, setup.frozen))
         models.save_pretrained(setup.model, params, derived.export_dir)
+        wd.mark_export(derived.export_dir)
         print(f"exported the trained policy (Hugging Face format) to {derived.export_dir}")
     print(f"workdir: {workdir}", flush=True)

@@ -33,6 +33,7 @@ itself is removed again by :meth:`Workdir.discard` when the run fails before its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import glob
@@ -236,20 +237,14 @@ class Workdir:
                 self.created = True
         elif not os.path.isdir(self.path):
             raise WorkdirError(f"workdir {self.path} is a file, not a directory")
+        self._refuse_foreign(run_file)  # before the lock file is written into it
         self._take_lock()
         try:
+            self._refuse_foreign(run_file)  # again, now that no other run can be creating it
             if os.path.exists(run_file):
                 self.record = self._read(run_file)
                 self._check_resumable()
             else:
-                others = sorted(set(os.listdir(self.path)) - set(_OWN_FILES))
-                if others:
-                    shown = ", ".join(others[:6]) + (", ..." if len(others) > 6 else "")
-                    raise WorkdirError(
-                        f"workdir {self.path} is not empty ({shown}) and has no {RUN_FILE}: "
-                        "it was not made by a prefjax run (or by one older than run "
-                        f"identities), so nothing in it is touched. {_how_to_proceed(self.path)}"
-                    )
                 self.claimed = self.is_main  # everything in it from now on is this run's
                 self.record = {
                     "format": FORMAT,
@@ -265,6 +260,18 @@ class Workdir:
             self.release()
             raise
         return self
+
+    def _refuse_foreign(self, run_file: str) -> None:
+        if os.path.exists(run_file):
+            return
+        others = sorted(set(os.listdir(self.path)) - set(_OWN_FILES))
+        if others:
+            shown = ", ".join(others[:6]) + (", ..." if len(others) > 6 else "")
+            raise WorkdirError(
+                f"workdir {self.path} is not empty ({shown}) and has no {RUN_FILE}: it was not "
+                "made by a prefjax run (or by one older than run identities), so nothing in it "
+                f"is touched. {_how_to_proceed(self.path)}"
+            )
 
     def _read(self, run_file: str) -> dict:
         try:
@@ -372,6 +379,9 @@ class Workdir:
         self.record.setdefault("invocations", []).append(entry)
         self.record["config"] = self.config_json
         self._write()
+        if self.is_main:  # the config in force, beside the checkpoints (as before run.json)
+            with open(os.path.join(self.path, "config.json"), "w") as f:
+                json.dump(self.config_json, f, indent=2, sort_keys=True)
 
     def mark_step(self) -> None:
         self.stepped = True
@@ -407,6 +417,28 @@ class Workdir:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a crash leaves the old or the new record, never half
+
+    # -- the end-of-run export ----------------------------------------------------------------
+    EXPORT_MARK = "prefjax_export.json"
+
+    def check_export_dir(self, export_dir: str) -> None:
+        """Refuses an export folder that holds anything but this run's own earlier export."""
+        if not export_dir or not os.path.isdir(export_dir) or not os.listdir(export_dir):
+            return
+        mark = os.path.join(export_dir, self.EXPORT_MARK)
+        owner = None
+        if os.path.exists(mark):
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                owner = json.load(open(mark)).get("workdir")
+        if owner != self.path:
+            raise WorkdirError(
+                f"config.export.dir={export_dir!r} is not empty and is not this run's earlier "
+                "export: the export would overwrite its files. Choose an empty or new folder."
+            )
+
+    def mark_export(self, export_dir: str) -> None:
+        with open(os.path.join(export_dir, self.EXPORT_MARK), "w") as f:
+            json.dump({"workdir": self.path, "time": time.time()}, f)
 
     # -- failure before the first step ------------------------------------------------------------
     def discard(self) -> bool:
