@@ -6,9 +6,11 @@ Command: the embedded default is the main job of prefjax::
 
 It prints its workdir (``runs/dpo_tiny``), trains, and writes ``checkpoints/``, ``metrics.jsonl``,
 ``tensorboard/``, ``curves.png`` and ``summary.txt`` there. Running it again resumes (and, when
-finished, only re-evaluates and re-plots). Other presets and overrides::
+finished, only re-plots); the same workdir with another loss, beta, ... is refused (one workdir,
+one run: give ``--workdir``, see docs/training.md). Other presets and overrides::
 
-    python -m experiments.dpo --config.algorithm.loss=ipo --config.algorithm.beta=0.5
+    python -m experiments.dpo --config.algorithm.loss=ipo --config.algorithm.beta=0.5 \
+        --workdir=runs/ipo
     python -m experiments.dpo --config=experiments/configs/dpo.py:llama1b \
         --config.model.path=/models/Llama-3.2-1B-SFT --config.data.train_files=prefs.jsonl
 

@@ -4,12 +4,14 @@
 provide ``setup(config, model, mesh, key) -> Setup`` (see :mod:`prefjax.train.common`) and, for
 ``algorithm.reference="precomputed"``, ``precompute_reference_logps``. In order, :func:`run`
 
-1. validates the config (naming the bad field) and writes ``<workdir>/config.json``;
+1. validates the config (naming the bad field) and opens the workdir (:mod:`prefjax.train.workdir`:
+   refuses a directory of another run, algorithm or config, claims a new one, takes its lock);
 2. builds the mesh, the model (preset or local HF folder; LoRA), and the initial policy params --
    from ``model.init_from`` (another run's checkpoint) or from an SFT warm-up stage run by this
    same loop in ``<workdir>/sft_warmup`` when ``config.sft_warmup.num_steps > 0``;
-3. builds the train/eval datasets (:mod:`prefjax.train.inputs`), adds precomputed reference
-   log-probs when asked, and calls the algorithm's ``setup``;
+3. builds the train/eval datasets (:mod:`prefjax.train.inputs`), checks their fingerprint against
+   the recorded run's, adds precomputed reference log-probs when asked, and calls the
+   algorithm's ``setup``;
 4. resumes from the newest complete checkpoint in ``<workdir>/checkpoints`` (train state *and*
    data-iterator position), or evaluates the initial policy at step 0 on a fresh run;
 5. trains ``train.num_steps`` steps with a progress bar, console/JSONL/TensorBoard metrics every
@@ -20,7 +22,9 @@ provide ``setup(config, model, mesh, key) -> Setup`` (see :mod:`prefjax.train.co
    ``export.hf``, the trained policy (LoRA merged) as a Hugging Face folder.
 
 Step ``s`` in every record means "after ``s`` optimiser steps"; a resumed run continues the same
-``metrics.jsonl`` (records written after the checkpoint it resumes from are dropped first).
+``metrics.jsonl`` (records written after the checkpoint it resumes from are dropped first, and the
+logging window in progress at the checkpoint is restored with it, so every record equals an
+uninterrupted run's). A run that fails before its first step removes the workdir it created.
 """
 
 from __future__ import annotations
@@ -216,7 +220,9 @@ def run(
       A :class:`RunResult`.
 
     Raises:
-      experiments.configs.common.ConfigError: a config field is invalid (named in the message).
+      prefjax.train.errors.ConfigError: a config field is invalid (named in the message).
+      prefjax.train.workdir.WorkdirError: the workdir belongs to another run, or resuming it
+        would mix configs or data (each differing field named).
       NonFiniteError: ``train.nonfinite="stop"`` and a step was non-finite (after checkpointing).
     """
     from experiments.configs import common

@@ -50,6 +50,7 @@ def launch(module_name, argv):
     sys.argv = ["prog", *argv]
     stale = [n for n in flags.FLAGS if n in ("config", "workdir") or n.startswith("config.")]
     flags.FLAGS.remove_flag_values(stale)
+    flags.FLAGS.unparse_flags()  # flags an earlier call set (--debug) return to their defaults
     if module_name in sys.modules:
         module = importlib.reload(sys.modules[module_name])  # defines --config / --workdir again
     else:
