@@ -19,6 +19,7 @@ from prefjax.data.loaders import load_dataset as load_dataset
 from prefjax.data.loaders import load_rows as load_rows
 from prefjax.data.loaders import load_split_datasets as load_split_datasets
 from prefjax.data.readers import read_records as read_records
+from prefjax.data.readers import read_tfds as read_tfds
 from prefjax.data.readers import write_jsonl as write_jsonl
 from prefjax.data.schemas import detect_kind as detect_kind
 from prefjax.data.schemas import detect_kind_of_rows as detect_kind_of_rows
@@ -32,8 +33,6 @@ from prefjax.data.tasks import Bandit as Bandit
 from prefjax.data.tasks import RepeatTask as RepeatTask
 from prefjax.data.tasks import make_task as make_task
 from prefjax.data.tasks import preference_probability as preference_probability
-from prefjax.data.tfds_builder import PreferenceFiles as PreferenceFiles
 from prefjax.data.tfds_builder import build_tfds as build_tfds
-from prefjax.data.tfds_builder import read_tfds as read_tfds
 from prefjax.data.tokenize import TruncationPolicy as TruncationPolicy
 from prefjax.data.tokenize import tokenize as tokenize

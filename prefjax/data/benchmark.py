@@ -27,6 +27,7 @@ from prefjax.data.loaders import load_rows
 from prefjax.data.readers import write_jsonl
 from prefjax.data.tasks import RepeatTask
 from prefjax.data.tokenize import tokenize
+from prefjax.tokenizer import ByteTokenizer
 
 _WORDS = (
     "the of and to in is was for on are with as his they be at one have this from or had "
@@ -88,10 +89,6 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
-    try:
-        from prefjax.models import ByteTokenizer
-    except ImportError:
-        from prefjax.models.tokenizer import ByteTokenizer
     tok = ByteTokenizer()
     results = [
         run(

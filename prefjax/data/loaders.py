@@ -15,7 +15,8 @@ from prefjax.data.dataset import TokenizedDataset
 from prefjax.data.errors import DropReport, Row
 from prefjax.data.readers import read_records
 from prefjax.data.schemas import validate_rows
-from prefjax.data.splits import grouped_split
+from prefjax.data.splits import check_leakage, grouped_split
+from prefjax.data.tasks import Bandit, RepeatTask
 from prefjax.data.tokenize import TruncationPolicy, tokenize
 
 
@@ -119,7 +120,6 @@ def datasets_from_config(
       bandit's optimum) or ``None`` for files; ``eval`` may be ``None`` for files without
       ``eval_files`` and ``eval_fraction``.
     """
-    from prefjax.data.tasks import Bandit, RepeatTask
 
     def get(name, default=None):
         return (
@@ -188,6 +188,4 @@ def datasets_from_config(
 
 def check_leakage_files(train_paths: Sequence[str] | str, eval_paths: Sequence[str] | str):
     """:func:`prefjax.data.splits.check_leakage` on two (sets of) files."""
-    from prefjax.data.splits import check_leakage
-
     return check_leakage(load_rows(train_paths)[1], load_rows(eval_paths)[1])

@@ -6,6 +6,9 @@ validation errors point at the line (JSONL, 1-based) or the record index (JSON, 
 0-based). Files are read as bytes and decoded line by line, so a byte that is not UTF-8 is an
 error naming its line and byte offset (in the decompressed stream for ``.gz`` files). Nothing
 here downloads anything.
+
+The TFDS reader imports ``tensorflow_datasets`` when it is called, not when this module is
+imported; :mod:`prefjax.data.tfds_builder` writes the datasets it reads.
 """
 
 from __future__ import annotations
@@ -15,12 +18,21 @@ import json
 import os
 import zlib
 
-from prefjax.data.errors import DataError, DropReport, RecordList, Row
+from prefjax.data.errors import DataError, DropReport, RecordList, Row, merge_reports
+from prefjax.data.schemas import KINDS, validate_rows
 
 JSON_LIST_KEYS = ("data", "rows", "examples", "records")
 ON_ERROR = ("raise", "collect", "drop")
 # What a broken gzip stream raises: a bad header, a truncated stream, corrupt deflate data.
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+# The text features of a prefjax TFDS dataset, per example kind (the builder writes them).
+TFDS_TEXT_FIELDS = {
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "listwise": ("prompt",),
+    "unpaired": ("prompt", "completion"),
+    "sft": ("prompt", "completion"),
+    "prompt": ("prompt",),
+}
 
 
 def _open_bytes(path: str):
@@ -210,6 +222,57 @@ def is_tfds_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json"))
 
 
+def _dec(text, is_conv) -> str | list:
+    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    return json.loads(text) if bool(is_conv) else text
+
+
+def _from_example(kind: str, ex: dict) -> tuple[dict, str, int]:
+    out = {}
+    for name in TFDS_TEXT_FIELDS[kind]:
+        out[name] = _dec(ex[name], ex[name + "_is_conversation"])
+    if kind == "listwise":
+        conv = bool(ex["responses_is_conversation"])
+        out["responses"] = [_dec(y, conv) for y in ex["responses"]]
+        out["ranking"] = [int(i) for i in ex["ranking"]]
+    if kind == "unpaired":
+        out["label"] = int(ex["label"])
+    pid = _dec(ex["prompt_id"], False)
+    if pid:
+        out["prompt_id"] = pid
+    out.update(json.loads(_dec(ex["extra"], False)))
+    return out, _dec(ex["source_file"], False), int(ex["source_index"])
+
+
+def read_tfds(name_or_dir: str, *, split: str = "train", data_dir: str | None = None) -> list[Row]:
+    """Reads a prepared dataset back as normalised rows (through ``tfds.data_source``).
+
+    ``name_or_dir`` is either a prepared dataset folder (``.../prefjax_preferences/pairwise/
+    1.0.0``) or a registered name such as ``"prefjax_preferences/pairwise"`` with ``data_dir``.
+    Rows are located as ``<dataset>:<split>[record i]``; the original file and line are kept in
+    each row's ``source_file`` / ``source_index`` TFDS features.
+    """
+    # tensorflow_datasets is an optional heavy dependency: imported only when TFDS data is read.
+    import tensorflow_datasets as tfds
+
+    if os.path.isdir(name_or_dir):
+        builder = tfds.builder_from_directory(name_or_dir)
+        source = builder.as_data_source(split=split)
+        label = f"{name_or_dir}:{split}"
+        kind = builder.builder_config.name if builder.builder_config else None
+    else:
+        source = tfds.data_source(name_or_dir, split=split, data_dir=data_dir)
+        label = f"tfds:{name_or_dir}:{split}"
+        kind = name_or_dir.split("/")[1] if "/" in name_or_dir else None
+    if kind not in KINDS:
+        raise ValueError(f"cannot tell the example kind of TFDS dataset {name_or_dir!r}")
+    rows = []
+    for i in range(len(source)):
+        data, _, _ = _from_example(kind, source[i])
+        rows.append(Row(data, label, i, "record"))
+    return rows
+
+
 def read_records(
     path: str,
     kind: str | None = None,
@@ -247,9 +310,6 @@ def read_records(
         raise DataError(f"holds no records ({_nothing(path, split)})", source=path, code="empty")
     if kind is None or not rows:
         return rows
-    from prefjax.data.errors import merge_reports
-    from prefjax.data.schemas import validate_rows
-
     _, good, report = validate_rows(
         rows, kind, on_error=on_error, max_stored_errors=max_stored_errors
     )
@@ -272,8 +332,6 @@ def _nothing(path: str, split: str) -> str:
 
 def _read_raw(path: str, split: str, on_error: str, max_stored_errors: int | None) -> RecordList:
     if is_tfds_dir(path):
-        from prefjax.data.tfds_builder import read_tfds
-
         return RecordList(read_tfds(path, split=split))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such data file: {path}")

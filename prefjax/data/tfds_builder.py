@@ -13,39 +13,39 @@ One builder config per example kind (``pairwise``, ``listwise``, ``unpaired``, `
 ``prompt``). Text fields are ``Text`` features; a conversation is stored as its JSON in the same
 feature with ``<field>_is_conversation`` set. Other per-example fields (numeric extras such as
 ``margin`` or gold rewards, ``metadata``) travel as JSON in ``extra``. ``source_file`` and
-``source_index`` keep the provenance of each row; file order is preserved.
+``source_index`` keep the provenance of each row; file order is preserved. Reading back is
+:func:`prefjax.data.readers.read_tfds`.
+
+``tensorflow_datasets`` is imported when a dataset is built, not when this module is imported:
+the builder class (:func:`builder_class`) is made on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from prefjax.data.errors import Row
-from prefjax.data.readers import read_records
+from prefjax.data.readers import TFDS_TEXT_FIELDS, read_records
 from prefjax.data.schemas import KINDS, detect_kind_of_rows, validate_rows
 
 NAME = "prefjax_preferences"
-_TEXT = {
-    "pairwise": ("prompt", "chosen", "rejected"),
-    "listwise": ("prompt",),
-    "unpaired": ("prompt", "completion"),
-    "sft": ("prompt", "completion"),
-    "prompt": ("prompt",),
-}
 
 
 def _features(kind: str):
+    # tensorflow_datasets is an optional heavy dependency: imported only when a dataset is built.
+    import tensorflow_datasets as tfds
+
     feats = {
         "prompt_id": tfds.features.Text(),
         "extra": tfds.features.Text(),
         "source_file": tfds.features.Text(),
         "source_index": np.int64,
     }
-    for name in _TEXT[kind]:
+    for name in TFDS_TEXT_FIELDS[kind]:
         feats[name] = tfds.features.Text()
         feats[name + "_is_conversation"] = np.bool_
     if kind == "listwise":
@@ -63,63 +63,68 @@ def _enc(value) -> tuple[str, bool]:
     return json.dumps(value, ensure_ascii=False), True
 
 
-def _dec(text, is_conv) -> str | list:
-    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-    return json.loads(text) if bool(is_conv) else text
+@functools.cache
+def builder_class():
+    """The TFDS builder class :class:`PreferenceFiles`, made (and registered with TFDS) once."""
+    # tensorflow_datasets is an optional heavy dependency: imported only when a dataset is built.
+    import tensorflow_datasets as tfds
 
+    class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
+        """TFDS builder over local preference / feedback / prompt / SFT files.
 
-class PreferenceFiles(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder over local preference / feedback / prompt / SFT files.
+        Args (besides the usual ``data_dir``, ``config`` = the example kind):
+          split_files: ``{split: [paths]}`` of local JSONL / JSON / Parquet files (needed only to
+            prepare; reading back a prepared dataset needs none).
+          on_error: ``"raise"`` on the first invalid row, or ``"drop"`` it (every dropped row is
+            logged with its file, line and reason; the dropped rows are in ``self.drop_reports``).
+        """
 
-    Args (besides the usual ``data_dir``, ``config`` = the example kind):
-      split_files: ``{split: [paths]}`` of local JSONL / JSON / Parquet files (needed only to
-        prepare; reading back a prepared dataset needs none).
-      on_error: ``"raise"`` on the first invalid row, or ``"drop"`` it (every dropped row is
-        logged with its file, line and reason; the dropped rows are in ``self.drop_reports``).
-    """
+        name = NAME
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "Local preference files as array_record."}
+        BUILDER_CONFIGS = [
+            tfds.core.BuilderConfig(name=k, description=f"{k} examples") for k in KINDS
+        ]
+        # No downloads and no checksums file: skip TFDS's lookup of them next to the module
+        # (that lookup needs the optional `importlib_resources` package for packaged modules).
+        url_infos = {}
 
-    name = NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Local preference files as array_record."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=k, description=f"{k} examples") for k in KINDS]
-    # No downloads and no checksums file: skip TFDS's lookup of them next to the module
-    # (that lookup needs the optional `importlib_resources` package for packaged modules).
-    url_infos = {}
+        def __init__(self, *, split_files: dict | None = None, on_error: str = "raise", **kwargs):
+            self._split_files = {k: list(v) for k, v in (split_files or {}).items()}
+            self._on_error = on_error
+            self.drop_reports = {}
+            super().__init__(**kwargs)
 
-    def __init__(self, *, split_files: dict | None = None, on_error: str = "raise", **kwargs):
-        self._split_files = {k: list(v) for k, v in (split_files or {}).items()}
-        self._on_error = on_error
-        self.drop_reports = {}
-        super().__init__(**kwargs)
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description="Preference data converted from local files by prefjax.data.",
+                features=_features(self.builder_config.name),
+                homepage="https://github.com/prefjax/prefjax",
+                # Keep file order (integer keys 0, 1, ... in reading order): example i of a split
+                # is the i-th valid row of its files, which keeps provenance readable.
+                disable_shuffling=True,
+            )
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Preference data converted from local files by prefjax.data.",
-            features=_features(self.builder_config.name),
-            homepage="https://github.com/prefjax/prefjax",
-            # Keep file order (integer keys 0, 1, ... in reading order): example i of a split is
-            # the i-th valid row of its files, which keeps provenance readable.
-            disable_shuffling=True,
-        )
+        def _split_generators(self, dl_manager):
+            if not self._split_files:
+                raise ValueError("PreferenceFiles needs split_files={split: [paths]} to prepare")
+            return {
+                split: self._generate_examples(split, files)
+                for split, files in self._split_files.items()
+            }
 
-    def _split_generators(self, dl_manager):
-        if not self._split_files:
-            raise ValueError("PreferenceFiles needs split_files={split: [paths]} to prepare")
-        return {
-            split: self._generate_examples(split, files)
-            for split, files in self._split_files.items()
-        }
+        def _generate_examples(self, split, files):
+            kind = self.builder_config.name
+            rows = [row for path in files for row in read_records(os.fspath(path))]
+            _, good, report = validate_rows(
+                rows, kind, on_error="raise" if self._on_error == "raise" else "drop"
+            )
+            self.drop_reports[split] = report
+            for i, row in enumerate(good):
+                yield i, _to_example(kind, row)
 
-    def _generate_examples(self, split, files):
-        kind = self.builder_config.name
-        rows = [row for path in files for row in read_records(os.fspath(path))]
-        _, good, report = validate_rows(
-            rows, kind, on_error="raise" if self._on_error == "raise" else "drop"
-        )
-        self.drop_reports[split] = report
-        for i, row in enumerate(good):
-            yield i, _to_example(kind, row)
+    return PreferenceFiles
 
 
 def _to_example(kind: str, row: Row) -> dict:
@@ -129,7 +134,7 @@ def _to_example(kind: str, row: Row) -> dict:
         "source_file": str(row.source or ""),
         "source_index": -1 if row.index is None else int(row.index),
     }
-    for name in _TEXT[kind]:
+    for name in TFDS_TEXT_FIELDS[kind]:
         ex[name], ex[name + "_is_conversation"] = _enc(d.pop(name))
     if kind == "listwise":
         ys = d.pop("responses")
@@ -143,30 +148,13 @@ def _to_example(kind: str, row: Row) -> dict:
     return ex
 
 
-def _from_example(kind: str, ex: dict) -> tuple[dict, str, int]:
-    out = {}
-    for name in _TEXT[kind]:
-        out[name] = _dec(ex[name], ex[name + "_is_conversation"])
-    if kind == "listwise":
-        conv = bool(ex["responses_is_conversation"])
-        out["responses"] = [_dec(y, conv) for y in ex["responses"]]
-        out["ranking"] = [int(i) for i in ex["ranking"]]
-    if kind == "unpaired":
-        out["label"] = int(ex["label"])
-    pid = _dec(ex["prompt_id"], False)
-    if pid:
-        out["prompt_id"] = pid
-    out.update(json.loads(_dec(ex["extra"], False)))
-    return out, _dec(ex["source_file"], False), int(ex["source_index"])
-
-
 def build_tfds(
     split_files,
     *,
     data_dir: str,
     kind: str | None = None,
     on_error: str = "raise",
-) -> PreferenceFiles:
+):
     """Prepares a ``prefjax_preferences/<kind>`` TFDS dataset from local files.
 
     Args:
@@ -176,8 +164,12 @@ def build_tfds(
       on_error: ``"raise"`` or ``"drop"`` (see :class:`PreferenceFiles`).
 
     Returns:
-      The prepared builder (``builder.as_data_source(split)`` reads it back).
+      The prepared :class:`PreferenceFiles` builder (``builder.as_data_source(split)`` reads it
+      back; ``builder.drop_reports`` holds the dropped rows per split).
     """
+    # tensorflow_datasets is an optional heavy dependency: imported only when a dataset is built.
+    import tensorflow_datasets as tfds
+
     if isinstance(split_files, (str, os.PathLike)):
         split_files = {"train": [split_files]}
     elif isinstance(split_files, (list, tuple)):
@@ -188,7 +180,7 @@ def build_tfds(
     if kind is None:
         # read_records raises a DataError naming an empty file
         kind = detect_kind_of_rows(read_records(os.fspath(next(iter(split_files.values()))[0])))
-    builder = PreferenceFiles(
+    builder = builder_class()(
         split_files=split_files,
         on_error=on_error,
         config=kind,
@@ -201,29 +193,3 @@ def build_tfds(
         )
     )
     return builder
-
-
-def read_tfds(name_or_dir: str, *, split: str = "train", data_dir: str | None = None) -> list[Row]:
-    """Reads a prepared dataset back as normalised rows (through ``tfds.data_source``).
-
-    ``name_or_dir`` is either a prepared dataset folder (``.../prefjax_preferences/pairwise/
-    1.0.0``) or a registered name such as ``"prefjax_preferences/pairwise"`` with ``data_dir``.
-    Rows are located as ``<dataset>:<split>[record i]``; the original file and line are kept in
-    each row's ``source_file`` / ``source_index`` TFDS features.
-    """
-    if os.path.isdir(name_or_dir):
-        builder = tfds.builder_from_directory(name_or_dir)
-        source = builder.as_data_source(split=split)
-        label = f"{name_or_dir}:{split}"
-        kind = builder.builder_config.name if builder.builder_config else None
-    else:
-        source = tfds.data_source(name_or_dir, split=split, data_dir=data_dir)
-        label = f"tfds:{name_or_dir}:{split}"
-        kind = name_or_dir.split("/")[1] if "/" in name_or_dir else None
-    if kind not in KINDS:
-        raise ValueError(f"cannot tell the example kind of TFDS dataset {name_or_dir!r}")
-    rows = []
-    for i in range(len(source)):
-        data, _, _ = _from_example(kind, source[i])
-        rows.append(Row(data, label, i, "record"))
-    return rows

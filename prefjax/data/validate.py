@@ -30,11 +30,13 @@ from collections import Counter
 
 import numpy as np
 
-from prefjax.data.errors import DataError, DropReport, merge_reports
+from prefjax.data.errors import DataError, DropReport, as_rows, merge_reports
 from prefjax.data.readers import read_records
 from prefjax.data.schemas import KINDS, validate_rows
 from prefjax.data.splits import check_leakage, group_key
+from prefjax.data.tasks import make_task
 from prefjax.data.tokenize import render_prompt, render_response
+from prefjax.tokenizer import ByteTokenizer, load_tokenizer
 
 # Error objects kept per file (all errors are counted): a file of bad rows can be huge.
 MAX_STORED_ERRORS = 10_000
@@ -165,22 +167,12 @@ def format_report(rep: dict, errors: DropReport, max_errors: int = 20) -> str:
     return "\n".join(out)
 
 
-def _tokenizer(path):
-    if path:
-        from prefjax.models import load_tokenizer
-
-        return load_tokenizer(path)
-    try:
-        from prefjax.models import ByteTokenizer
-    except ImportError:
-        from prefjax.models.tokenizer import ByteTokenizer
-    return ByteTokenizer()
+def _tokenizer(path: str):
+    """The ``--tokenizer`` Hugging Face folder, or the byte tokenizer when none is given."""
+    return load_tokenizer(path) if path else ByteTokenizer()
 
 
 def _task_rows(task_name: str, kind: str, num: int, seed: int):
-    from prefjax.data.errors import as_rows
-    from prefjax.data.tasks import make_task
-
     task = make_task(task_name)
     recs = getattr(task, f"{kind}_records")(num, seed=seed)
     return as_rows(recs, source=f"task:{task_name}")
