@@ -17,9 +17,9 @@ from prefjax.models.model import Model as Model
 from prefjax.models.model import from_preset as from_preset
 from prefjax.models.model import merge_lora as merge_lora
 from prefjax.models.model import param_count as param_count
-from prefjax.models.tokenizer import ByteTokenizer as ByteTokenizer
-from prefjax.models.tokenizer import HFTokenizer as HFTokenizer
-from prefjax.models.tokenizer import load_tokenizer as load_tokenizer
+from prefjax.tokenizer import ByteTokenizer as ByteTokenizer
+from prefjax.tokenizer import HFTokenizer as HFTokenizer
+from prefjax.tokenizer import load_tokenizer as load_tokenizer
 from prefjax.models.transformer import LORA_TARGETS as LORA_TARGETS
 from prefjax.models.transformer import KVCache as KVCache
 from prefjax.models.transformer import Transformer as Transformer

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from prefjax.tokenizer import ByteTokenizer
+
 # Names accepted by ``TransformerConfig.remat``: "none" keeps every activation, "full" recomputes
 # the whole layer in the backward pass, "dots" saves only the outputs of weight matmuls (no batch
 # dimensions) and recomputes the rest -- usually the best speed/memory trade-off.
@@ -218,8 +220,6 @@ class TransformerConfig:
 
 
 def _byte_vocab_size() -> int:
-    from prefjax.models.tokenizer import ByteTokenizer
-
     return ByteTokenizer().vocab_size
 
 

@@ -2,10 +2,7 @@
 
 import pytest
 
-try:
-    from prefjax.models import ByteTokenizer
-except ImportError:  # the models package re-exports it; the module always has it
-    from prefjax.models.tokenizer import ByteTokenizer
+from prefjax.tokenizer import ByteTokenizer
 
 
 class WordTokenizer:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import prefjax.models as pm
-from prefjax.models.tokenizer import BYTE_CHAT_TEMPLATE, BYTE_SPECIAL_TOKENS, _compile_jinja
+from prefjax.tokenizer import BYTE_CHAT_TEMPLATE, BYTE_SPECIAL_TOKENS, _compile_jinja
 
 # A ChatML-style template written as a model folder would ship it.
 CHATML = (
