@@ -29,7 +29,6 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from experiments.configs import common
 from prefjax import data as pdata
 from prefjax import sharding
 from prefjax.train import loop
@@ -174,8 +173,7 @@ def main(config, workdir: str | None, run_fn):
         print(f"workdir: {workdir}", flush=True)
     logging.info("config:\n%s", config)
     try:
-        common.validate(config, jax.device_count())
-        result = run_fn(config, workdir)
+        result = run_fn(config, workdir)  # validates the config first thing
     except loop.NonFiniteError as err:
         if _debug():
             raise

@@ -145,9 +145,10 @@ def mesh_shape(
     known = math.prod(size for size in sizes.values() if size != -1)
     if rest:
         if num_devices % known:
+            fixed = ", ".join(f"config.mesh.{n}={v}" for n, v in sizes.items() if v != -1)
             raise ValueError(
-                f"config.mesh.{rest[0]}=-1: the other axes multiply to {known}, which does not "
-                f"divide the {num_devices} devices."
+                f"config.mesh.{rest[0]}=-1: the other axes ({fixed}) multiply to {known}, which "
+                f"does not divide the {num_devices} devices."
             )
         sizes[rest[0]] = num_devices // known
     elif known != num_devices:

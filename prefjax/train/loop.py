@@ -45,6 +45,7 @@ import numpy as np
 
 from prefjax import sharding
 from prefjax.train import checkpointing, faults, inputs
+from prefjax.train import config as train_config
 from prefjax.train import logging as metric_logging
 from prefjax.train import workdir as run_dir
 
@@ -225,10 +226,8 @@ def run(
         would mix configs or data (each differing field named).
       NonFiniteError: ``train.nonfinite="stop"`` and a step was non-finite (after checkpointing).
     """
-    from experiments.configs import common
-
-    common.validate(config, jax.device_count())
-    derived = common.derived(config, jax.device_count(), workdir)
+    train_config.validate(config, jax.device_count(), algorithm=algorithm)
+    derived = train_config.derived(config, jax.device_count(), workdir)
     workdir = derived.workdir
     is_main = jax.process_index() == 0
     config_json = _config_json(config)
