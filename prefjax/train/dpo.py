@@ -15,7 +15,9 @@ What the step does, in order (``config.algorithm.loss`` picks the objective):
 
 Metrics (means over the batch): ``loss``; ``rewards/chosen``, ``rewards/rejected`` (implicit
 rewards ``beta * (log pi - log pi_ref)``), ``rewards/margin``, ``rewards/accuracy`` (fraction of
-pairs with chosen reward above rejected, ties counting one half); ``logps/chosen``,
+pairs with chosen reward above rejected, ties -- margins within float32 rounding of zero, see
+:func:`tie_tolerance` -- counting one half, so 0.5 at policy == reference; listwise: of ordered
+pairs; KTO: of desirable rewards above 0 and undesirable below); ``logps/chosen``,
 ``logps/rejected`` (summed response log-probs under the policy -- watch both fall together, the
 usual DPO failure);
 ``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
@@ -176,6 +178,44 @@ def _concat_pair(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
 
 
+# The policy and reference passes are one jitted program but not one numeric path: the policy's
+# forward sits under ``value_and_grad`` (its activations are kept for the backward pass, and XLA
+# fuses and orders it differently), so at policy == reference their log-probs still differ by
+# float32 rounding, and the sign of that noise would decide ``rewards/accuracy`` at step 0 (0.53,
+# 0.47, 0.56 on three batches of the launcher's default on 8 CPU devices, instead of 0.5). Running
+# both through one path exactly would need the reference stacked beside the policy (a third copy
+# of the weights), so a margin within rounding of zero counts as a tie instead.
+#
+# The bound: a summed log-prob is a reduction of same-signed terms (log-probs are <= 0), so its
+# float32 error is at most ~log2(T) ulps of its own magnitude under XLA's tree reductions (the
+# pairwise-summation bound), and each log-ratio and difference adds one more; k = 8 covers 2^8
+# tokens and is ~20x the largest deviation measured at policy == reference (0.41 eps * the sum of
+# |log-probs|, over float32 and bfloat16 compute, 8 devices, grad accumulation, chunked log-probs
+# and responses of 6-60 tokens). A genuine margin is rarely that small: 8 eps * sum |log-probs|
+# is 4e-4 nats of log-ratio for four log-probs of 100 nats, ~3 ulps of each.
+_TIE_ULPS = 8.0
+
+
+def tie_tolerance(beta: float, *logps: jax.Array) -> jax.Array:
+    """Largest implicit-reward difference that is float32 rounding of ``beta * logps``.
+
+    Args:
+      beta: the implicit rewards' scale (``reward = beta * (log pi - log pi_ref)``).
+      *logps: the ``[batch]`` (or ``[batch, k]``) log-probs the compared rewards are made of,
+        policy and reference, each side.
+
+    Returns:
+      ``_TIE_ULPS * eps_f32 * beta * sum(|logps|)``, broadcast over ``logps``' shape.
+    """
+    scale = sum(jnp.abs(x.astype(jnp.float32)) for x in logps)
+    return _TIE_ULPS * jnp.finfo(jnp.float32).eps * beta * scale
+
+
+def _agreement(margin: jax.Array, tolerance: jax.Array) -> jax.Array:
+    """1 where ``margin > tolerance``, 0 where ``margin < -tolerance``, 1/2 for a tie."""
+    return jnp.where(margin > tolerance, 1.0, jnp.where(margin < -tolerance, 0.0, 0.5))
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss functions on one micro-batch: (params, batch, frozen, key, denominators) -> (loss, sums)
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +231,7 @@ def _pair_sums(
     chosen_len: jax.Array,
     rejected_len: jax.Array,
     w: jax.Array,
+    tie: jax.Array,
 ) -> dict[str, jax.Array]:
     f32 = lambda x: x.astype(jnp.float32)
     chosen_rewards, rejected_rewards = f32(chosen_rewards), f32(rejected_rewards)
@@ -200,8 +241,9 @@ def _pair_sums(
         "rewards/chosen": s(chosen_rewards),
         "rewards/rejected": s(rejected_rewards),
         "rewards/margin": s(margin),
-        # Ties (policy == reference at step 0) count one half: accuracy starts at 0.5.
-        "rewards/accuracy": s((margin > 0) + 0.5 * (margin == 0)),
+        # Ties (|margin| <= tie, float32 rounding: policy == reference at step 0) count one
+        # half, so accuracy starts at 0.5.
+        "rewards/accuracy": s(_agreement(margin, tie)),
         "logps/chosen": s(policy_chosen),
         "logps/rejected": s(policy_rejected),
         "kl/logratio": s(0.5 * ((policy_chosen - ref_chosen) + (policy_rejected - ref_rejected))),
@@ -251,9 +293,12 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
             out = losses.orpo_loss(avg_c, avg_r, beta=beta)
             # ORPO = NLL of the chosen response (length-normalised) + the odds-ratio term.
             per_example = sft_weight * (-avg_c) + out.loss
+            tie = tie_tolerance(beta, avg_c, avg_r)
         elif name == "simpo":
-            out = losses.simpo_loss(safe_div(pc, nc), safe_div(pr, nr), **simpo_kwargs)
+            avg_c, avg_r = safe_div(pc, nc), safe_div(pr, nr)
+            out = losses.simpo_loss(avg_c, avg_r, **simpo_kwargs)
             per_example = out.loss
+            tie = tie_tolerance(simpo_kwargs["beta"], avg_c, avg_r)
         else:
             if average:
                 pc_, pr_ = safe_div(pc, nc), safe_div(pr, nr)
@@ -262,6 +307,7 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
                 pc_, pr_, rc_, rr_ = pc, pr, rc, rr
             out = loss_fn(pc_, pr_, rc_, rr_, **kwargs)
             per_example = out.loss
+            tie = tie_tolerance(beta, pc_, pr_, rc_, rr_)
             if rpo_alpha:
                 # RPO (Pang et al., 2024, Eq. 2): + alpha * the chosen response's NLL per token.
                 nll_chosen = -safe_div(pc, nc)
@@ -272,7 +318,7 @@ def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
                     "nll/chosen": jnp.sum(nll_chosen * w),
                 }
         loss = jnp.sum(per_example * w) / denominators["pairs"]
-        sums = _pair_sums(out.chosen_rewards, out.rejected_rewards, pc, pr, rc, rr, nc, nr, w)
+        sums = _pair_sums(out.chosen_rewards, out.rejected_rewards, pc, pr, rc, rr, nc, nr, w, tie)
         if reference == "none":
             del sums["kl/logratio"]  # no reference: nothing to compare with
         return loss, {**sums, **rpo_sums}
@@ -304,11 +350,15 @@ def _listwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
         # Best = first response; worst = last valid response of each row.
         last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
         take = lambda x: jnp.take_along_axis(x, last[:, None], axis=1)[:, 0]
-        # Fraction of ordered pairs (i before j, both valid) with reward_i > reward_j.
+        # Fraction of ordered pairs (i before j, both valid) with reward_i > reward_j, ties (within
+        # float32 rounding, as at policy == reference) counting one half, as for pairs.
         upper = jnp.triu(jnp.ones((k, k)), 1)
         pair_mask = mask[:, :, None] * mask[:, None, :] * upper
-        correct = (rewards[:, :, None] > rewards[:, None, :]) * pair_mask
+        size = jnp.abs(logps) + jnp.abs(ref_logps)  # [batch, k]
+        tie = tie_tolerance(beta, size[:, :, None], size[:, None, :])  # [batch, k, k]
+        correct = _agreement(rewards[:, :, None] - rewards[:, None, :], tie) * pair_mask
         accuracy = safe_div(jnp.sum(correct, (1, 2)), jnp.sum(pair_mask, (1, 2)))
+        last_tie = tie_tolerance(beta, logps[:, 0], take(logps), ref_logps[:, 0], take(ref_logps))
         sums = _pair_sums(
             rewards[:, 0],
             take(rewards),
@@ -319,6 +369,7 @@ def _listwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array,
             counts[:, 0],
             take(counts),
             w,
+            last_tie,
         )
         sums["rewards/accuracy"] = jnp.sum(accuracy * w)
         return loss, sums
@@ -400,12 +451,15 @@ def _kto_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]
         )
         loss = jnp.sum(out.loss * w) / denominators["pairs"]
         rewards = beta * (pol - rl)
+        agree = _agreement(rewards, tie_tolerance(beta, pol, rl))  # 1: reward > 0
         good, bad = desirable * w, (1.0 - desirable) * w
         s = lambda x, m: jnp.sum(x.astype(jnp.float32) * m)
         sums = {
             "rewards/chosen": s(rewards, good),
             "rewards/rejected": s(rewards, bad),
-            "rewards/accuracy": s(rewards > 0, good) + s(rewards < 0, bad),
+            # Desirable responses should get reward > 0, undesirable ones < 0; a reward within
+            # float32 rounding of 0 (policy == reference) counts one half.
+            "rewards/accuracy": s(agree, good) + s(1.0 - agree, bad),
             "logps/chosen": s(pol, good),
             "logps/rejected": s(pol, bad),
             "kl/reference_point": kl * jnp.sum(w),

@@ -361,6 +361,105 @@ def test_kto_eval_loss_matches_independent(model, policy_params):
     np.testing.assert_allclose(float(out["kl/reference_point"][0]) / 8, z0, rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------- rewards/accuracy: ties and genuine margins
+
+
+ACCURACY_DATA = {
+    "sigmoid": lambda n: data.RepeatTask().pairwise_dataset(TOK, n, seed=0),
+    "listwise": lambda n: data.RepeatTask().listwise_dataset(TOK, n, num_responses=3, seed=1),
+    "kto": lambda n: data.RepeatTask().unpaired_dataset(TOK, n, seed=2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", sorted(ACCURACY_DATA))
+def test_accuracy_is_one_half_when_policy_equals_reference(loss):
+    # On 2 data-parallel devices the train step's policy pass (under value_and_grad) and its
+    # reference pass of the tiny preset round differently (|margin| ~ 1e-7 on some batches), so
+    # counting only exact zeros as ties gave 0.375-0.625 for pairs; listwise and KTO, which had
+    # no ties at all, gave 0.
+    model = models.from_preset("tiny", key=jax.random.key(0))
+    config = make_config(loss=loss, beta=0.5)
+    config.mesh.data = 2
+    setup = dpo.setup(
+        config, model, shd.make_mesh(config.mesh, devices=jax.devices()[:2]), jax.random.key(1)
+    )
+    assert max_tree_diff(setup.state.params, setup.frozen) == 0.0  # a live copy, same values
+    ds = ACCURACY_DATA[loss](24)
+    for start in (0, 8, 16):
+        batch = jax.device_put(
+            data.collate(ds, np.arange(start, start + 8), SEQ), setup.batch_sharding
+        )
+        sums, count = setup.eval_step(setup.state.params, batch, setup.frozen)["rewards/accuracy"]
+        assert float(sums) / float(count) == 0.5
+        state = TrainState.create(params=jax.tree.map(jnp.copy, model.params), tx=setup.state.tx)
+        _, metrics = setup.train_step(state, batch, setup.frozen, jax.random.key(2))
+        assert float(metrics["rewards/accuracy"]) == 0.5, start
+
+
+def test_accuracy_counts_rounding_as_ties_and_small_genuine_margins_as_wins(model, policy_params):
+    """The tie tolerance, with hand-made reference log-probs (``reference="precomputed"``)."""
+    ds = ACCURACY_DATA["sigmoid"](8)  # its own: add_columns writes into the dataset
+    columns = dpo.precompute_reference_logps(model, policy_params, ds, batch_size=8)
+    setup = cached_setup(make_config(beta=0.5, reference="precomputed"), model)
+
+    def accuracy(ref_chosen, ref_rejected):
+        cols = dict(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+        batch = data.collate(ds.add_columns(**cols), np.arange(8), SEQ)
+        sums, count = setup.eval_step(policy_params, batch, None)["rewards/accuracy"]
+        return float(sums) / float(count)
+
+    rc, rr = columns["ref_chosen_logps"], columns["ref_rejected_logps"]
+    # Rounding: the reference of the same weights moved by 1-3 ulps per log-prob, chosen and
+    # rejected in opposite directions (|margin| up to 3 eps * sum |logps|, under the 8 eps bound);
+    # the margins' signs are unbalanced, so exact-zero ties alone would give 1/8, not 1/2.
+    ulps = np.array([1, 2, 3, 1, 2, 3, 1, -1], np.float32)
+    nudge = lambda x, n: x + n * np.abs(np.spacing(x))  # x moved by n float32 ulps
+    assert np.all(nudge(rc, ulps) != rc)
+    assert accuracy(nudge(rc, ulps), nudge(rr, -ulps)) == 0.5
+    # Genuine: a log-ratio difference d_i = 1e-2 * sign_i nats is counted, ~50x the tolerance
+    # here (8 eps * beta * sum |logps|, logps ~ -50 nats), though 1e-4 of the logps' size.
+    sign = np.array([1, -1, -1, 1, -1, 1, 1, 1], np.float32)
+    assert 0.5 * 1e-2 > 20 * np.max(8 * np.finfo(np.float32).eps * 0.5 * 2 * (-rc - rr))
+    # Reference chosen raised by d_i: margin_i = -beta * d_i, a win where sign_i < 0 (3 of 8).
+    assert accuracy(rc + 1e-2 * sign, rr) == np.mean(sign < 0)
+    assert accuracy(rc, rr + 1e-2 * sign) == np.mean(sign > 0)
+
+
+@pytest.mark.parametrize("loss", sorted(ACCURACY_DATA))
+def test_accuracy_of_a_different_policy_matches_numpy(loss, model, policy_params):
+    """Genuine margins are not ties: the eval accuracy is the NumPy count of correct signs."""
+    batch = data.collate(ACCURACY_DATA[loss](8), np.arange(8), SEQ)
+    beta = 0.5
+    out = jax.jit(dpo.make_eval_step(model, make_config(loss=loss, beta=beta)))(
+        policy_params, batch, model.params
+    )
+    if loss == "sigmoid":
+        pol, ref = pair_logps(model, policy_params, batch), pair_logps(model, model.params, batch)
+        margin = beta * (
+            (pol["chosen"][0] - ref["chosen"][0]) - (pol["rejected"][0] - ref["rejected"][0])
+        )
+        correct = margin > 0
+    elif loss == "listwise":
+        flat = lambda x: np.asarray(x).reshape(24, SEQ)
+        args = [flat(batch[n]) for n in ("input_ids", "attention_mask", "loss_mask")]
+        r = beta * (
+            np_logps(model, policy_params, *args)[0] - np_logps(model, model.params, *args)[0]
+        )
+        r = r.reshape(8, 3)  # responses ranked best first: pairs (0, 1), (0, 2), (1, 2)
+        margin = np.stack([r[:, 0] - r[:, 1], r[:, 0] - r[:, 2], r[:, 1] - r[:, 2]], 1)
+        correct = (margin > 0).mean(1)
+    else:
+        args = [batch[n] for n in ("input_ids", "attention_mask", "loss_mask")]
+        margin = beta * (
+            np_logps(model, policy_params, *args)[0] - np_logps(model, model.params, *args)[0]
+        )
+        correct = np.where(batch["label"] > 0, margin > 0, margin < 0)
+    assert np.min(np.abs(margin)) > 1e-4  # clear of the tie tolerance (< 4e-5 here)
+    sums, count = out["rewards/accuracy"]
+    np.testing.assert_allclose(float(sums) / float(count), np.mean(correct), rtol=1e-6)
+
+
 def test_invalid_combinations_name_the_field(model):
     with pytest.raises(ValueError, match=r"config\.algorithm\.loss='dpoo'"):
         dpo.validate_config(make_config(loss="dpoo"))
