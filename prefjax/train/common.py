@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from prefjax import losses, models
 from prefjax import sharding as shd
 from prefjax.train import optim
 from prefjax.train.state import TrainState
@@ -117,8 +118,6 @@ def build_model(
     (:func:`prefjax.sharding.sharded_init`: no device ever holds the whole unsharded model), and a
     loaded checkpoint is placed with the same shardings.
     """
-    from prefjax import models
-
     key = jax.random.key(int(get(config, "seed", 0))) if key is None else key
     overrides = model_overrides(config)
     path = get(config, "model.path", "")
@@ -173,8 +172,6 @@ def response_logps(
     Returns:
       ``(logps [batch] float32, num_tokens [batch] float32)``.
     """
-    from prefjax import losses
-
     labels = input_ids[:, 1:]  # [batch, seq - 1]
     mask = loss_mask[:, 1:].astype(jnp.float32)
     if chunk_size:

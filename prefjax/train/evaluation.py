@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax import data, models
 from prefjax.train import common
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +124,6 @@ def generate(
       ``(tokens [batch, max_new_tokens], response_mask [batch, max_new_tokens])``; the mask is 1
       up to and including the first EOS.
     """
-    from prefjax import models
-
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling.")
     out = models.generate(
@@ -268,8 +267,6 @@ def _logps_fn(model: Any):
 
 
 def _bandit_prompts(bandit: Any, tokenizer: Any) -> dict[str, np.ndarray]:
-    from prefjax import data
-
     records = [{"prompt": p, "prompt_id": f"bandit-{i}"} for i, p in enumerate(bandit.prompts)]
     max_len = max(len(tokenizer.encode(p)) for p in bandit.prompts) + 2
     ds = data.tokenize(

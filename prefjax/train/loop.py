@@ -43,8 +43,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from prefjax import sharding
-from prefjax.train import checkpointing, faults, inputs
+from prefjax import models, sharding
+from prefjax.train import checkpointing, evaluation, faults, inputs
 from prefjax.train import config as train_config
 from prefjax.train import logging as metric_logging
 from prefjax.train import workdir as run_dir
@@ -127,8 +127,6 @@ def _nonfinite_names(metrics: Mapping[str, float]) -> list[str]:
 def evaluate(setup, params, eval_data: inputs.EvalData, config) -> dict[str, float]:
     """Held-out metrics of ``params``: the eval step averaged exactly over the eval split, plus
     the generation / closed-form metrics of the built-in tasks (``eval/`` names)."""
-    from prefjax.train import evaluation
-
     sums: dict[str, Any] = {}
     for i, batch in enumerate(eval_data.batches()):
         if config.eval.num_batches and i >= config.eval.num_batches:
@@ -486,8 +484,6 @@ def _report(config, wd, derived, setup, state) -> None:
         f.write(title + "\n" + table + "\n")
     print(table, flush=True)
     if derived.export_dir:
-        from prefjax import models
-
         params = jax.device_get(setup.policy_params(state.params, setup.frozen))
         models.save_pretrained(setup.model, params, derived.export_dir)
         wd.mark_export(derived.export_dir)
