@@ -108,6 +108,29 @@ def _split_prompts(prompts: list[str], fraction: float, seed: int) -> set[str]:
     return set(np.asarray(prompts, dtype=object)[rng.permutation(len(prompts))[:count]])
 
 
+def _as_sft(row, kind: str):
+    """The SFT example a normalised ``kind`` row prefers, or ``None``: a pair's chosen response,
+    a ranking's best response, an unpaired example's completion if it is desirable.
+
+    ``prompt_id`` is optional in every schema, so it is carried only when the row has one
+    (otherwise splits group by prompt text); a file's row keeps its file and line for errors.
+    """
+    if kind == "pairwise":
+        completion = row["chosen"]
+    elif kind == "listwise":
+        completion = row["responses"][row["ranking"][0]]
+    elif row["label"] == 1:  # unpaired
+        completion = row["completion"]
+    else:
+        return None  # an undesirable response is not imitated
+    out = {"prompt": row["prompt"], "completion": completion}
+    if row.get("prompt_id") is not None:
+        out["prompt_id"] = row["prompt_id"]
+    if isinstance(row, pdata.Row):
+        return pdata.Row(out, row.source, row.index, row.index_kind)
+    return out
+
+
 def _records(task, kind: str, num: int, seed: int, sft_responses: str = "chosen") -> list[dict]:
     if kind == "pairwise":
         return task.pairwise_records(num, seed=seed)
@@ -119,11 +142,7 @@ def _records(task, kind: str, num: int, seed: int, sft_responses: str = "chosen"
         return task.sft_records(num, seed=seed)
     if kind == "sft":
         # SFT imitates the preferred responses: the chosen side of the task's labelled pairs.
-        pairs = task.pairwise_records(num, seed=seed)
-        return [
-            {"prompt": r["prompt"], "completion": r["chosen"], "prompt_id": r["prompt_id"]}
-            for r in pairs
-        ]
+        return [_as_sft(r, "pairwise") for r in task.pairwise_records(num, seed=seed)]
     raise ValueError(f"unknown batch kind {kind!r}")
 
 
@@ -165,14 +184,14 @@ def _read_files(paths: str, kind: str, config, tokenizer, field: str):
     files = [p.strip() for p in paths.split(",") if p.strip()]
     records = []
     for path in files:
-        raw = readers.read_records(path)
-        if kind == "sft" and raw and pdata.detect_kind(raw[0]) == "pairwise":
-            # SFT (or the SFT warm-up before DPO) on a preference file imitates its chosen side.
-            pairs = readers.read_records(path, "pairwise")
-            records.extend(
-                {"prompt": r["prompt"], "completion": r["chosen"], "prompt_id": r["prompt_id"]}
-                for r in pairs
-            )
+        file_kind = kind
+        if kind == "sft":
+            # The file's kind is its rows' majority, so one odd first row does not decide it.
+            file_kind = pdata.detect_kind_of_rows(readers.read_records(path))
+        if file_kind in ("pairwise", "listwise", "unpaired") and kind == "sft":
+            # SFT (or the SFT warm-up before DPO) on a feedback file imitates what it prefers.
+            rows = (_as_sft(r, file_kind) for r in readers.read_records(path, file_kind))
+            records.extend(r for r in rows if r is not None)
         else:
             records.extend(readers.read_records(path, kind))
     if not records:
