@@ -71,7 +71,7 @@ FREE_FIELDS = (
 )
 # Files a run writes into its directory; a directory holding only these (and no run.json)
 # is one whose very first invocation stopped before it could write run.json.
-_OWN_FILES = (LOCK_FILE,)
+_OWN_FILES = (LOCK_FILE, RUN_FILE + ".tmp")
 
 
 class WorkdirError(RuntimeError):
