@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import EinopsError, rearrange
 
 from prefjax.models.config import RopeScaling, TransformerConfig
 from prefjax.models.model import Model, _init_fn, _init_head_params
@@ -332,32 +333,28 @@ def config_to_hf(config: TransformerConfig, *, head: str = "lm", dtype: Any = No
 
 # ------------------------------------------------------------------------------------------------
 # Tensor name mappings. A family maps one layer's parameters (dict of numpy arrays, no layers
-# axis) to and from Hugging Face tensors named relative to the layer prefix.
+# axis) to and from Hugging Face tensors named relative to the layer prefix. Layout changes are
+# einops patterns over the axis names of transformer.py: ``d`` hidden (D), ``h`` query heads (H),
+# ``k`` key/value heads (K), ``n`` either, ``hd`` head size (Dh), ``qkv`` GPT-2's fused q | k | v.
+# PyTorch ``nn.Linear`` weights are ``[out, in]``: ``q_proj.weight`` is ``(h hd) d``.
 
-
-def _linear_in(w, *out_shape):
-    """``nn.Linear`` weight ``[out, in]`` -> kernel ``[in, *out_shape]``."""
-    return w.T.reshape((w.shape[1],) + out_shape)
-
-
-def _linear_out(kernel, n_in=1):
-    """Kernel ``[*in, *out]`` (first ``n_in`` axes are inputs) -> ``nn.Linear`` ``[out, in]``."""
-    in_size = int(np.prod(kernel.shape[:n_in]))
-    return kernel.reshape(in_size, -1).T
+_QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def _llama_layer_in(get: Callable[[str], np.ndarray], cfg: TransformerConfig) -> dict:
-    h, k, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.hidden_size
+    h, k, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    w = lambda name: get(f"self_attn.{name}.weight")  # noqa: E731
     attn = {
-        "q_proj": {"kernel": _linear_in(get("self_attn.q_proj.weight"), h, hd)},
-        "k_proj": {"kernel": _linear_in(get("self_attn.k_proj.weight"), k, hd)},
-        "v_proj": {"kernel": _linear_in(get("self_attn.v_proj.weight"), k, hd)},
-        "o_proj": {"kernel": get("self_attn.o_proj.weight").T.reshape(h, hd, d)},
+        "q_proj": {"kernel": rearrange(w("q_proj"), "(h hd) d -> d h hd", h=h, hd=hd)},
+        "k_proj": {"kernel": rearrange(w("k_proj"), "(k hd) d -> d k hd", k=k, hd=hd)},
+        "v_proj": {"kernel": rearrange(w("v_proj"), "(k hd) d -> d k hd", k=k, hd=hd)},
+        "o_proj": {"kernel": rearrange(w("o_proj"), "d (h hd) -> h hd d", h=h, hd=hd)},
     }
     if cfg.qkv_bias:
-        attn["q_proj"]["bias"] = get("self_attn.q_proj.bias").reshape(h, hd)
-        attn["k_proj"]["bias"] = get("self_attn.k_proj.bias").reshape(k, hd)
-        attn["v_proj"]["bias"] = get("self_attn.v_proj.bias").reshape(k, hd)
+        b = lambda name: get(f"self_attn.{name}.bias")  # noqa: E731
+        attn["q_proj"]["bias"] = rearrange(b("q_proj"), "(h hd) -> h hd", h=h, hd=hd)
+        attn["k_proj"]["bias"] = rearrange(b("k_proj"), "(k hd) -> k hd", k=k, hd=hd)
+        attn["v_proj"]["bias"] = rearrange(b("v_proj"), "(k hd) -> k hd", k=k, hd=hd)
     if cfg.out_bias:
         attn["o_proj"]["bias"] = get("self_attn.o_proj.bias")
     mlp = {name: {"kernel": get(f"mlp.{name}.weight").T} for name in ("gate_proj", "up_proj")}
@@ -378,12 +375,12 @@ def _llama_layer_out(p: dict, cfg: TransformerConfig) -> dict:
     out = {
         "input_layernorm.weight": p["attn_norm"]["scale"],
         "post_attention_layernorm.weight": p["mlp_norm"]["scale"],
-        "self_attn.o_proj.weight": _linear_out(attn["o_proj"]["kernel"], n_in=2),
+        "self_attn.o_proj.weight": rearrange(attn["o_proj"]["kernel"], "h hd d -> d (h hd)"),
     }
     for name in ("q_proj", "k_proj", "v_proj"):
-        out[f"self_attn.{name}.weight"] = _linear_out(attn[name]["kernel"])
+        out[f"self_attn.{name}.weight"] = rearrange(attn[name]["kernel"], "d n hd -> (n hd) d")
         if cfg.qkv_bias:
-            out[f"self_attn.{name}.bias"] = attn[name]["bias"].reshape(-1)
+            out[f"self_attn.{name}.bias"] = rearrange(attn[name]["bias"], "n hd -> (n hd)")
     if cfg.out_bias:
         out["self_attn.o_proj.bias"] = attn["o_proj"]["bias"]
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -394,18 +391,13 @@ def _llama_layer_out(p: dict, cfg: TransformerConfig) -> dict:
 
 
 def _gpt2_layer_in(get, cfg: TransformerConfig) -> dict:
-    h, hd, d = cfg.num_heads, cfg.resolved_head_dim, cfg.hidden_size
+    h, hd = cfg.num_heads, cfg.resolved_head_dim
     # Conv1D stores [in, out]; c_attn's output is [q | k | v] along the last axis.
-    w = get("attn.c_attn.weight")  # [D, 3 * H * Dh]
-    b = get("attn.c_attn.bias")  # [3 * H * Dh]
-    wq, wk, wv = np.split(w, 3, axis=1)
-    bq, bk, bv = np.split(b, 3)
-    attn = {
-        name: {"kernel": wx.reshape(d, h, hd), "bias": bx.reshape(h, hd)}
-        for name, wx, bx in (("q_proj", wq, bq), ("k_proj", wk, bk), ("v_proj", wv, bv))
-    }
+    w = rearrange(get("attn.c_attn.weight"), "d (qkv h hd) -> qkv d h hd", qkv=3, h=h, hd=hd)
+    b = rearrange(get("attn.c_attn.bias"), "(qkv h hd) -> qkv h hd", qkv=3, h=h, hd=hd)
+    attn = {name: {"kernel": w[i], "bias": b[i]} for i, name in enumerate(_QKV)}
     attn["o_proj"] = {
-        "kernel": get("attn.c_proj.weight").reshape(h, hd, d),
+        "kernel": rearrange(get("attn.c_proj.weight"), "(h hd) d -> h hd d", h=h, hd=hd),
         "bias": get("attn.c_proj.bias"),
     }
     return {
@@ -420,15 +412,16 @@ def _gpt2_layer_in(get, cfg: TransformerConfig) -> dict:
 
 
 def _gpt2_layer_out(p: dict, cfg: TransformerConfig) -> dict:
-    attn, mlp, d = p["attn"], p["mlp"], cfg.hidden_size
-    qkv_w = [attn[n]["kernel"].reshape(d, -1) for n in ("q_proj", "k_proj", "v_proj")]
-    qkv_b = [attn[n]["bias"].reshape(-1) for n in ("q_proj", "k_proj", "v_proj")]
+    attn, mlp = p["attn"], p["mlp"]
+    # A list of arrays is stacked on a new first axis (here ``qkv``) by einops.
+    qkv_w = rearrange([attn[n]["kernel"] for n in _QKV], "qkv d h hd -> d (qkv h hd)")
+    qkv_b = rearrange([attn[n]["bias"] for n in _QKV], "qkv h hd -> (qkv h hd)")
     return {
         "ln_1.weight": p["attn_norm"]["scale"],
         "ln_1.bias": p["attn_norm"]["bias"],
-        "attn.c_attn.weight": np.concatenate(qkv_w, axis=1),
-        "attn.c_attn.bias": np.concatenate(qkv_b),
-        "attn.c_proj.weight": attn["o_proj"]["kernel"].reshape(-1, d),
+        "attn.c_attn.weight": qkv_w,
+        "attn.c_attn.bias": qkv_b,
+        "attn.c_proj.weight": rearrange(attn["o_proj"]["kernel"], "h hd d -> (h hd) d"),
         "attn.c_proj.bias": attn["o_proj"]["bias"],
         "ln_2.weight": p["mlp_norm"]["scale"],
         "ln_2.bias": p["mlp_norm"]["bias"],
@@ -539,7 +532,12 @@ def _read_params(src: _TensorSource, cfg: TransformerConfig, head: str) -> dict:
     layers = []
     for i in range(cfg.num_layers):
         prefix = trunk + names["layer"].format(i=i)
-        layers.append(names["layer_in"](lambda n, p=prefix: src.get(p + n), cfg))
+        try:
+            layers.append(names["layer_in"](lambda n, p=prefix: src.get(p + n), cfg))
+        except EinopsError as e:  # a head split that does not fit config.json
+            raise ValueError(
+                f"{src.where}: a tensor under {prefix!r} does not fit config.json: {e}"
+            ) from e
     params = {
         "embed": {"embedding": top(names["embed"])},
         # [L] x per-layer tree -> one tree with a leading layers axis.
