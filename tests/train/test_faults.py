@@ -32,14 +32,14 @@ stage). :func:`test_kill_inside_run_json_replace` kills deterministically inside
 atomic replace (between the fsynced ``run.json.tmp`` and ``os.replace``) of a run's very first
 claim. :func:`test_kill_point_coverage` (last) prints and checks the totals.
 
-Measured on 2 shared CPU cores at load average 6 (other jobs running): 8 trials (4 ``dpo``, 4
+Measured on 2 shared CPU cores at load average 5-6 (other jobs running): 8 trials (4 ``dpo``, 4
 ``warmup``), 23 kill points: 14 named (step 3, metrics 5, checkpoint 4, committed 2; 6 of them in
-the warm-up stage) and 9 timed (6 in start-up, 1 in setup, 1 in DPO training, 1 in warm-up
-training; none after the finish), 12 kills with a checkpoint write in flight; plus the 2
-``run.json`` replace kills. Wall time 17 min (8.8 CPU-min): each invocation costs 15-30 s however
-few its steps (about 7 s of imports, data, orbax's first save of a process about 6 s), the first
-child compiles (90 s), and a trial is 3-4 invocations, so 8 trials cannot fit the 4 min once
-aimed at; ``-k trial0`` runs one trial (with its reference) in about 3 min.
+the warm-up stage) and 9 timed (4 in start-up, 1 in setup, 3 in DPO training and checkpoints, 1
+in warm-up training; none after the finish), 12 of all kills with a checkpoint write in flight;
+plus the 2 ``run.json`` replace kills. Wall time 15.5 min (9.2 CPU-min): an invocation costs
+15-40 s however few its steps (imports about 7 s, data, orbax's first save in a process about
+6 s), the first child compiles (90 s), and a trial is 3-4 invocations, so 8 trials cannot fit
+the 4 min once aimed at; ``-k trial0`` runs one trial (and its reference) in about 3 min.
 """
 
 from __future__ import annotations
