@@ -28,17 +28,17 @@ responses); ``length/chosen``, ``length/rejected`` (response tokens); plus the n
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prefjax import losses
-from prefjax import sharding as shd
-from prefjax.train import common, optim
+from prefjax.train import common
+from prefjax.train import setup as train_setup
 from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
+from prefjax.train.reference import precompute_reference_logps  # noqa: F401  (public name)
 
 SPECIAL_LOSSES = ("listwise", "kto", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")
@@ -582,11 +582,6 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 # ----------------------------------------------------------------------------------------------
 
 
-def _copy(tree: Any, sharding: Any) -> Any:
-    """A fresh sharded copy (never aliasing ``tree``, which donation would delete)."""
-    return jax.device_put(tree, sharding, may_alias=False)
-
-
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     """Sharded train state, frozen pytree and jitted steps for ``config`` on ``mesh``.
 
@@ -601,223 +596,9 @@ def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     ``model.params`` to another computation while this setup is in use.
     """
     validate_config(config)
-    return build_setup(
+    return train_setup.build_setup(
         config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=True
     )
-
-
-def build_setup(
-    config: Any,
-    model: Any,
-    mesh: Any,
-    key: jax.Array,
-    make_train: Callable[..., Any],
-    make_eval: Callable[..., Any],
-    *,
-    needs_frozen_copy: bool,
-) -> Setup:
-    """Shared by ``dpo.setup``, ``sft.setup`` and ``reward.setup``."""
-    rules = shd.rules_from_config(get(config, "mesh", {}) or {})
-    num_steps = int(get(config, "train.num_steps", 1000))
-    tx, schedule = optim.make_optimizer(get(config, "optimizer"), num_steps)
-    reference = get(config, "algorithm.reference", "none")
-    batch_size = get(config, "data.batch_size", None)
-    if batch_size:
-        shd.check_batch_size(int(batch_size), mesh)
-        accum = common.grad_accum_steps(config)
-        if int(batch_size) % accum:
-            raise ValueError(
-                f"config.data.batch_size={batch_size} is not divisible by "
-                f"config.optimizer.grad_accum_steps={accum}."
-            )
-        shd.check_batch_size(
-            int(batch_size) // accum,
-            mesh,
-            field=f"config.data.batch_size / config.optimizer.grad_accum_steps = "
-            f"{batch_size} / {accum} (the micro-batch)",
-        )
-    if common.lora_rank(config) > 0:
-        trainable = model.init_lora(
-            key,
-            rank=common.lora_rank(config),
-            alpha=float(get(config, "model.lora.alpha", 16.0)),
-            targets=tuple(get(config, "model.lora.targets", ("q_proj", "v_proj"))),
-            dropout=float(get(config, "model.lora.dropout", 0.0)),
-        )
-        trainable_axes = model.lora_axes(trainable)
-        frozen, frozen_axes = model.params, model.param_axes
-    else:
-        trainable, trainable_axes = model.params, model.param_axes
-        keep = needs_frozen_copy and reference in ("copy",)
-        frozen, frozen_axes = (model.params, model.param_axes) if keep else (None, None)
-    params_sharding = shd.param_shardings(mesh, trainable_axes, trainable, rules)
-    trainable = _copy(trainable, params_sharding)
-    state, state_sharding = common.create_state(mesh, tx, trainable, params_sharding)
-    if frozen is not None:
-        frozen_sharding = shd.param_shardings(mesh, frozen_axes, frozen, rules)
-        # No step donates or updates the frozen tree, so it may share the buffers of
-        # ``model.params`` (already laid out this way after a sharded init): one copy of the
-        # weights fewer than copying it.
-        frozen = jax.device_put(frozen, frozen_sharding, may_alias=True)
-    else:
-        frozen_sharding = None
-    train_step = make_train(model, config, mesh=mesh, schedule=schedule)
-    eval_step = make_eval(model, config)
-    jit_train, jit_eval, batch_sharding = common.jit_steps(
-        mesh, train_step, eval_step, state_sharding, frozen_sharding
-    )
-
-    if common.lora_rank(config) > 0:
-        policy_params = lambda params, frozen: model.merge_lora(frozen, params)
-    else:
-        policy_params = lambda params, frozen: params
-
-    return Setup(
-        state=state,
-        frozen=frozen,
-        train_step=jit_train,
-        eval_step=jit_eval,
-        mesh=mesh,
-        state_sharding=state_sharding,
-        frozen_sharding=frozen_sharding,
-        batch_sharding=batch_sharding,
-        schedule=schedule,
-        model=model,
-        policy_params=policy_params,
-        info={
-            "reference": reference,
-            "trainable_params": common.count_params(trainable),
-            "frozen_params": 0 if frozen is None else common.count_params(frozen),
-            "mesh": dict(mesh.shape),
-        },
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Precomputed reference log-probs
-# ----------------------------------------------------------------------------------------------
-
-
-def precompute_reference_logps(
-    model: Any,
-    ref_params: Any,
-    dataset_or_batches: Any,
-    *,
-    batch_size: int = 32,
-    mesh: Any = None,
-    chunk_size: int = 0,
-    seq_len: int | None = None,
-    rules: Any = None,
-) -> dict[str, np.ndarray]:
-    """One reference pass over a dataset; the result becomes dataset columns.
-
-    After ``ds = ds.add_columns(**precompute_reference_logps(model, ref_params, ds))`` every
-    batch carries the reference log-probs and a DPO run with ``reference="precomputed"`` never
-    loads the reference again.
-
-    Args:
-      model: the reference model (LM head).
-      ref_params: its parameters.
-      dataset_or_batches: a ``prefjax.data.TokenizedDataset`` (pairwise or listwise; read in
-        order, each example exactly once) or an iterable of batches (each processed in order;
-        padding rows marked by ``example_mask`` are dropped).
-      batch_size: examples per forward pass when given a dataset.
-      mesh: optional mesh; batches are split over ``("data", "fsdp")`` (the size is rounded up
-        to a multiple of the data-parallel size with padding rows) and ``ref_params`` are
-        sharded by ``rules`` (default ``prefjax.sharding.DEFAULT_RULES``).
-      chunk_size: vocabulary-chunked log-probs (see ``config.model.logps_chunk_size``).
-      seq_len: pad every batch to this length (default: the dataset's bucket for each batch).
-
-    Returns:
-      Pairwise: ``{"ref_chosen_logps": [N], "ref_rejected_logps": [N]}``; listwise:
-      ``{"ref_logps": [N, K]}`` (float32, summed over response tokens).
-    """
-    if mesh is not None:
-        ways = shd.data_parallel_size(mesh)
-        batch_size = -(-batch_size // ways) * ways
-        # The reference lives on the same mesh as the batches, sharded by the rules.
-        ref_params = shd.shard_params(
-            mesh, ref_params, model.param_axes, shd.DEFAULT_RULES if rules is None else rules
-        )
-
-    @jax.jit
-    def logps_fn(params, ids, attn, lmask):
-        return common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk_size)[0]
-
-    def batches() -> Iterable[Mapping[str, Any]]:
-        if not hasattr(dataset_or_batches, "kind"):
-            yield from dataset_or_batches
-            return
-        from prefjax.data import batching
-
-        ds = dataset_or_batches
-        if ds.kind not in ("pairwise", "listwise"):
-            raise ValueError(
-                f"precompute_reference_logps: dataset kind {ds.kind!r} (expected pairwise or "
-                "listwise)."
-            )
-        buckets = batching.default_buckets(ds.max_len)
-        lengths = ds.lengths()
-        for start in range(0, len(ds), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(ds)))
-            length = seq_len or batching.bucket_length(int(lengths[idx].max()), buckets)
-            idx = np.concatenate([idx, -np.ones(batch_size - len(idx), np.int64)])
-            yield batching.collate(ds, idx, length)
-
-    def run(ids, attn, lmask):
-        ids, attn, lmask = (np.asarray(x) for x in (ids, attn, lmask))
-        if mesh is not None:
-            placed = shd.shard_batch(
-                mesh, {"ids": ids, "attn": attn, "lmask": lmask}
-            )  # leading axis over data x fsdp
-            ids, attn, lmask = placed["ids"], placed["attn"], placed["lmask"]
-        out = logps_fn(ref_params, ids, attn, lmask)
-        if jax.process_count() > 1:  # gather the shards every process computed
-            from jax.experimental import multihost_utils
-
-            out = multihost_utils.process_allgather(out, tiled=True)
-        return np.asarray(out)
-
-    chosen, rejected, listwise = [], [], []
-    for batch in batches():
-        keep = np.asarray(batch.get("example_mask", np.ones(_leading(batch), np.int32))) > 0
-        if "chosen_input_ids" in batch:
-            num = batch["chosen_input_ids"].shape[0]
-            ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-            attn = np.concatenate(
-                [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
-            )
-            lmask = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-            out = run(ids, attn, lmask)
-            chosen.append(out[:num][keep])
-            rejected.append(out[num:][keep])
-        elif np.ndim(batch["input_ids"]) == 3:
-            num, k, seq = batch["input_ids"].shape
-            ids, attn, lmask = (
-                np.asarray(batch[n]).reshape(num * k, seq)  # [batch, k, seq] -> [batch * k, seq]
-                for n in ("input_ids", "attention_mask", "loss_mask")
-            )
-            out = run(ids, attn, lmask)
-            out = out.reshape(num, k) * np.asarray(batch["response_mask"])
-            listwise.append(out[keep])
-        else:
-            raise ValueError(
-                "precompute_reference_logps: batches must be pairwise (chosen_input_ids, ...) or "
-                "listwise (input_ids [batch, k, seq])."
-            )
-    if listwise:
-        return {"ref_logps": np.concatenate(listwise).astype(np.float32)}
-    return {
-        "ref_chosen_logps": np.concatenate(chosen).astype(np.float32),
-        "ref_rejected_logps": np.concatenate(rejected).astype(np.float32),
-    }
-
-
-def _leading(batch: Mapping[str, Any]) -> int:
-    for name in ("chosen_input_ids", "input_ids"):
-        if name in batch:
-            return int(np.shape(batch[name])[0])
-    raise ValueError("batch has neither chosen_input_ids nor input_ids")
 
 
 # ----------------------------------------------------------------------------------------------

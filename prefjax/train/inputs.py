@@ -300,21 +300,6 @@ def build_data(config, tokenizer, kind: str) -> Data:
     )
 
 
-def add_reference_logps(algorithm, config, model, mesh, data: Data) -> None:
-    """One reference pass over train and held-out data (``reference="precomputed"``)."""
-    chunk = int(config.model.logps_chunk_size)
-    for ds in (data.train, data.eval.dataset):
-        cols = algorithm.precompute_reference_logps(
-            model,
-            model.params,
-            ds,
-            batch_size=config.data.eval_batch_size,
-            mesh=mesh,
-            chunk_size=chunk,
-        )
-        ds.add_columns(**cols)
-
-
 def _policy_and_lora(setup, params):
     """``(base params, lora)`` for generation: LoRA adapters ride on the frozen base."""
     if isinstance(params, models.LoRA):

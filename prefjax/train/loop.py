@@ -1,8 +1,9 @@
 """The training loop every algorithm shares: build, resume, train, evaluate, checkpoint, report.
 
 ``prefjax.train.<algo>.run(config, workdir)`` calls :func:`run` with its own module, which must
-provide ``setup(config, model, mesh, key) -> Setup`` (see :mod:`prefjax.train.common`) and, for
-``algorithm.reference="precomputed"``, ``precompute_reference_logps``. In order, :func:`run`
+provide ``setup(config, model, mesh, key) -> Setup`` (see :mod:`prefjax.train.common`) and may
+provide ``validate_config(config)``; reference log-probs for ``algorithm.reference="precomputed"``
+come from :mod:`prefjax.train.reference`. In order, :func:`run`
 
 1. validates the config (naming the bad field) and opens the workdir (:mod:`prefjax.train.workdir`:
    refuses a directory of another run, algorithm or config, claims a new one, takes its lock);
@@ -44,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from prefjax import models, sharding
-from prefjax.train import checkpointing, evaluation, faults, inputs
+from prefjax.train import checkpointing, evaluation, faults, inputs, reference
 from prefjax.train import config as train_config
 from prefjax.train import logging as metric_logging
 from prefjax.train import workdir as run_dir
@@ -285,7 +286,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _m
     wd.check_data(run_dir.data_fingerprint([data.train, data.eval.dataset]))
     if config.algorithm.reference == "precomputed":
         t0 = time.time()
-        inputs.add_reference_logps(algorithm, config, model, mesh, data)
+        reference.add_reference_logps(config, model, mesh, (data.train, data.eval.dataset))
         if is_main:
             print(f"{tag}reference log-probs precomputed in {time.time() - t0:.1f}s", flush=True)
 

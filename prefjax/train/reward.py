@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from prefjax import losses
 from prefjax.train import common
+from prefjax.train import setup as train_setup
 from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
 
 REWARD_LOSSES = ("bradley_terry", "plackett_luce")
@@ -181,10 +182,8 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     """Sharded state for a reward model (``head="reward"``) and its jitted steps."""
-    from prefjax.train import dpo
-
     validate_config(config)
-    return dpo.build_setup(
+    return train_setup.build_setup(
         config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=False
     )
 

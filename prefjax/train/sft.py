@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.train import common
+from prefjax.train import setup as train_setup
 from prefjax.train.common import Batch, Metrics, Setup, safe_div
 
 
@@ -115,14 +116,12 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     """Sharded state (full params, or LoRA adapters over a frozen base) and jitted steps."""
-    from prefjax.train import dpo
-
     reference = common.get(config, "algorithm.reference", "none")
     if reference not in ("none", ""):
         raise ValueError(
             f"config.algorithm.reference={reference!r}: SFT uses no reference ('none')."
         )
-    return dpo.build_setup(
+    return train_setup.build_setup(
         config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=False
     )
 

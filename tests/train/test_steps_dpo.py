@@ -18,6 +18,7 @@ from experiments.configs import common as config_common
 from prefjax import data, losses, models
 from prefjax import sharding as shd
 from prefjax.train import dpo, evaluation
+from prefjax.train import setup as train_setup
 from prefjax.train.state import TrainState
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -150,7 +151,7 @@ def test_step_traces_once_and_skips_nonfinite_batches(model, pairwise):
     config = make_config()
     config.optimizer.name = "adamw"
     make = lambda m, c, **kw: chex.assert_max_traces(dpo.make_train_step(m, c, **kw), n=1)
-    setup = dpo.build_setup(
+    setup = train_setup.build_setup(
         config, model, SINGLE, jax.random.key(1), make, dpo.make_eval_step, needs_frozen_copy=True
     )
     state = setup.state
