@@ -15,7 +15,9 @@ Conventions shared by every function here:
   ``bootstrap_value`` gives one (a truncated rollout). ``dones[b, t] = 1`` marks a real token after
   which the episode ended (packed episodes): the bootstrap from the next value and the recursion are
   cut there.
-* Everything is computed in float32 (bfloat16 inputs are upcast on entry). Nothing is jitted here:
+* Everything is computed in float32 at least: inputs are promoted, never demoted, by the rule
+  shared by :mod:`prefjax.losses` (bfloat16 -> float32; float64 kept under ``jax_enable_x64``;
+  "float32" in a Returns section means that compute dtype). Nothing is jitted here:
   the caller jits once. Advantages are normally treated as constants by the policy loss; the
   policy-gradient losses in :mod:`prefjax.losses.policy_gradient` apply ``stop_gradient`` to them.
 * Whitening (normalising advantages to zero mean, unit variance over the real tokens of a batch)
@@ -40,6 +42,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from prefjax.losses.logprobs import _upcast
 
 __all__ = [
     "GAEOutput",
@@ -80,11 +84,12 @@ def _as_bool_mask(mask: ArrayLike, name: str = "mask") -> jax.Array:
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
-def _optional_row(x: ArrayLike | None, batch: int, name: str) -> jax.Array:
-    """A per-row float32 ``[batch]`` argument, zeros when not given."""
+def _optional_row(x: ArrayLike | None, like: jax.Array, name: str) -> jax.Array:
+    """A per-row ``[batch]`` argument, upcast (zeros in ``like``'s dtype when not given)."""
+    batch = like.shape[0]
     if x is None:
-        return jnp.zeros((batch,), jnp.float32)
-    x = jnp.asarray(x, jnp.float32)
+        return jnp.zeros((batch,), like.dtype)
+    x = _upcast(x)
     if x.shape != (batch,):
         raise ValueError(f"{name} must have shape [batch] = ({batch},), got {x.shape}")
     return x
@@ -130,7 +135,10 @@ def _reverse_discounted_sum(deltas: jax.Array, discounts: jax.Array, mask: jax.A
     Masked positions output 0 and pass :math:`y_{t+1}` through unchanged.
     """
 
-    init = _ReverseCarry(jnp.zeros(deltas.shape[:1], jnp.float32))
+    # One dtype for the carry and its update (scan requires it): the promoted one of both inputs.
+    dtype = jnp.result_type(deltas, discounts)
+    deltas, discounts = deltas.astype(dtype), discounts.astype(dtype)
+    init = _ReverseCarry(jnp.zeros(deltas.shape[:1], dtype))
     # [batch, seq] -> [seq, batch]: scan over time, vectorised over the batch.
     xs = (deltas.T, discounts.T, mask.T)
     _, ys = jax.lax.scan(_reverse_step, init, xs, reverse=True)
@@ -194,16 +202,15 @@ def gae(
       Generalized Advantage Estimation", ICLR 2016, Eqs. (11)-(16). Masked-token handling as in
       verl's ``compute_gae_advantage_return`` (observation tokens skipped).
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    values = jnp.asarray(values, jnp.float32)
+    rewards = _upcast(rewards)
+    values = _upcast(values)
     mask = _as_bool_mask(mask)
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape([rewards, values, mask])
     _check_unit_interval("gamma", gamma)
     _check_unit_interval("lam", lam)
-    batch = rewards.shape[0]
-    bootstrap = _optional_row(bootstrap_value, batch, "bootstrap_value")
-    not_done = 1.0 - _optional_dones(dones, mask).astype(jnp.float32)
+    bootstrap = _optional_row(bootstrap_value, rewards, "bootstrap_value")
+    not_done = 1.0 - _optional_dones(dones, mask).astype(rewards.dtype)
 
     next_values = _next_real_values(values, mask, bootstrap)  # [batch, seq]
     # TD errors, vectorised; masked positions hold 0 (never read by the scan).
@@ -246,14 +253,13 @@ def discounted_returns(
       >>> print(discounted_returns(r, m, gamma=0.5))   # 1 + 0.5 * (0 + 0.5 * 2)
       [[1.5 1.  2.  0. ]]
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
+    rewards = _upcast(rewards)
     mask = _as_bool_mask(mask)
     chex.assert_rank(rewards, 2)
     chex.assert_equal_shape([rewards, mask])
     _check_unit_interval("gamma", gamma)
-    batch = rewards.shape[0]
-    bootstrap = _optional_row(bootstrap_value, batch, "bootstrap_value")
-    not_done = 1.0 - _optional_dones(dones, mask).astype(jnp.float32)
+    bootstrap = _optional_row(bootstrap_value, rewards, "bootstrap_value")
+    not_done = 1.0 - _optional_dones(dones, mask).astype(rewards.dtype)
     # The bootstrap enters as an extra reward gamma * V_boot on the last real token of each row
     # (unless that token is a done), which the recursion then discounts back.
     zeros = jnp.zeros_like(rewards)
@@ -264,7 +270,7 @@ def discounted_returns(
 
 def _grouped(rewards: ArrayLike, group_size: int, *, min_size: int) -> jax.Array:
     """``[batch]`` -> ``[batch // group_size, group_size]`` with checks naming the argument."""
-    rewards = jnp.asarray(rewards, jnp.float32)
+    rewards = _upcast(rewards)
     chex.assert_rank(rewards, 1)
     if not isinstance(group_size, numbers.Integral) or group_size < min_size:
         raise ValueError(f"group_size must be an integer >= {min_size}, got {group_size!r}")

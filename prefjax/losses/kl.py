@@ -18,8 +18,10 @@ estimator         per-token value                                          prope
                                                                             :math:`\ge 0`
 ================  ======================================================  ========================
 
-Conventions: log-prob arrays are ``[batch, seq]`` (any equal shapes work), computed in float32;
-results are per token, unreduced; ``mask`` (optional) zeroes positions that are not response
+Conventions: log-prob arrays are ``[batch, seq]`` (any equal shapes work), computed in float32 at
+least (promoted, never demoted, by the rule shared by :mod:`prefjax.losses`: bfloat16 -> float32,
+float64 kept under x64; "float32" in a Returns section means that compute dtype); results are per
+token, unreduced; ``mask`` (optional) zeroes positions that are not response
 tokens, with ``jnp.where`` so garbage there cannot turn into NaN values or gradients.
 
 Example:
@@ -40,6 +42,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from prefjax.losses.logprobs import _upcast
 
 __all__ = [
     "k1",
@@ -62,8 +66,8 @@ def _log_ratio(
     logprobs: ArrayLike, ref_logprobs: ArrayLike, mask: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array | None]:
     """Upcast, check shapes, and return ``log pi - log pi_ref`` (0 where masked) and the mask."""
-    logprobs = jnp.asarray(logprobs, jnp.float32)
-    ref_logprobs = jnp.asarray(ref_logprobs, jnp.float32)
+    logprobs = _upcast(logprobs)
+    ref_logprobs = _upcast(ref_logprobs)
     chex.assert_equal_shape([logprobs, ref_logprobs])
     log_ratio = logprobs - ref_logprobs
     if mask is None:
@@ -215,11 +219,11 @@ class ShapedRewards(NamedTuple):
     kl: jax.Array
 
 
-def _last_real_one_hot(mask: jax.Array) -> jax.Array:
-    """``[batch, seq]`` float one-hot of the last real token of each row (all 0 if none)."""
+def _last_real_one_hot(mask: jax.Array, dtype) -> jax.Array:
+    """``[batch, seq]`` one-hot (in ``dtype``) of the last real token of each row (0 if none)."""
     seq = mask.shape[-1]
     last = seq - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # [batch]; meaningless for empty rows
-    one_hot = jax.nn.one_hot(last, seq, dtype=jnp.float32)
+    one_hot = jax.nn.one_hot(last, seq, dtype=dtype)
     return one_hot * jnp.any(mask, axis=-1, keepdims=True)
 
 
@@ -267,13 +271,13 @@ def kl_shaped_rewards(
       Ouyang et al., "Training language models to follow instructions with human feedback", 2022,
       Eq. (2).
     """
-    scores = jnp.asarray(scores, jnp.float32)
+    scores = _upcast(scores)
     mask = jnp.asarray(mask)
     mask = mask if mask.dtype == jnp.bool_ else mask != 0
     chex.assert_rank([scores, mask], [1, 2])
     chex.assert_equal_shape_prefix([scores, mask], 1)
     kl = kl_estimate(logprobs, ref_logprobs, kind=kind, mask=mask)
-    rewards = -kl_coef * kl + _last_real_one_hot(mask) * scores[:, None]
+    rewards = -kl_coef * kl + _last_real_one_hot(mask, scores.dtype) * scores[:, None]
     return ShapedRewards(rewards, kl)
 
 
@@ -286,13 +290,15 @@ class AdaptiveKLState(NamedTuple):
 def adaptive_kl_init(init_kl_coef: float) -> AdaptiveKLState:
     """Initial :class:`AdaptiveKLState` with :math:`\\beta_0` = ``init_kl_coef`` (float32 scalar).
 
+    A Python number gives float32; a float64 array (under x64) stays float64.
+
     Example:
       >>> print(adaptive_kl_init(0.2).kl_coef)
       0.2
     """
     if isinstance(init_kl_coef, numbers.Real) and init_kl_coef < 0:
         raise ValueError(f"init_kl_coef must be >= 0, got {init_kl_coef!r}")
-    return AdaptiveKLState(jnp.asarray(init_kl_coef, jnp.float32))
+    return AdaptiveKLState(_upcast(init_kl_coef))
 
 
 def adaptive_kl_update(
@@ -342,8 +348,8 @@ def adaptive_kl_update(
         raise ValueError(f"target must be > 0, got {target!r}")
     if isinstance(horizon, numbers.Real) and horizon <= 0:
         raise ValueError(f"horizon must be > 0, got {horizon!r}")
-    current_kl = jnp.asarray(current_kl, jnp.float32)
+    current_kl = _upcast(current_kl)
     chex.assert_rank(current_kl, 0)
     error = jnp.clip(current_kl / target - 1.0, -max_error, max_error)
-    multiplier = 1.0 + error * jnp.asarray(n_steps, jnp.float32) / horizon
+    multiplier = 1.0 + error * _upcast(n_steps) / horizon
     return AdaptiveKLState(state.kl_coef * multiplier)

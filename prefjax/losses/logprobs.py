@@ -13,9 +13,11 @@ Conventions shared by every function here:
 * ``mask`` marks the tokens that count (1/True) and the ones that do not (0/False: prompt,
   padding). It may be bool, int or float; reductions weight by it, so padding never changes a
   result, and an all-masked reduction is 0 (not NaN) with finite, zero gradients.
-* Everything is computed in float32 (bfloat16 inputs are upcast on entry); nothing is reduced over
-  the batch: the caller chooses the reduction (:func:`masked_mean` over tokens, ``.mean()`` over
-  examples).
+* Everything is computed in float32 at least: floating inputs are promoted, never demoted, to
+  ``jnp.result_type(x, jnp.float32)`` on entry (:func:`_upcast`), so bfloat16/float16 become
+  float32 and float64 stays float64 under ``jax_enable_x64``; "float32" in a Returns section
+  means that compute dtype. Nothing is reduced over the batch: the caller chooses the reduction
+  (:func:`masked_mean` over tokens, ``.mean()`` over examples).
 
 Example, a batch of two right-padded sequences:
 
@@ -46,21 +48,38 @@ __all__ = [
 ]
 
 
-def _as_float_mask(mask: ArrayLike, like: jax.Array) -> jax.Array:
-    """Mask as float32, broadcast to ``like``'s shape (bool/int/float accepted)."""
-    mask = jnp.asarray(mask)
-    try:
-        return jnp.broadcast_to(mask.astype(jnp.float32), like.shape)
-    except ValueError as err:
-        raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to the values' shape {like.shape}"
-        ) from err
+def _compute_dtype(*xs: ArrayLike) -> jnp.dtype:
+    """The dtype a loss computes in: the inputs' promoted dtype, at least float32.
+
+    ``jnp.result_type(*xs, jnp.float32)``: bfloat16/float16 (and integer or bool) inputs give
+    float32, float64 inputs float64 (under ``jax_enable_x64``). For a typed array this is
+    ``jnp.promote_types(x.dtype, jnp.float32)``; ``result_type`` also treats Python scalars as
+    weakly typed, so a hyperparameter such as ``0.0`` never promotes float32 data to float64.
+    The one promotion rule of :mod:`prefjax.losses`: every module upcasts through here.
+    """
+    return jnp.result_type(*xs, jnp.float32)
 
 
 def _upcast(x: ArrayLike) -> jax.Array:
-    """Float inputs as float32 at least (bfloat16/float16 upcast; float64 kept under x64)."""
+    """``x`` as an array in :func:`_compute_dtype`: promoted, never demoted (float64 is kept)."""
     x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(_compute_dtype(x))
+
+
+def _weighted_inputs(x: ArrayLike, mask: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """``x`` and the mask (bool/int/float) in one compute dtype, the mask broadcast to ``x``.
+
+    The mask is a weight in the reductions, so it takes part in the promotion: a float64 weight
+    is not rounded to float32 (bool and integer masks never raise the dtype).
+    """
+    x, mask = jnp.asarray(x), jnp.asarray(mask)
+    dtype = _compute_dtype(x, mask)
+    try:
+        return x.astype(dtype), jnp.broadcast_to(mask.astype(dtype), x.shape)
+    except ValueError as err:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to the values' shape {x.shape}"
+        ) from err
 
 
 def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None, *, keepdims: bool = False) -> jax.Array:
@@ -88,8 +107,7 @@ def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None, *, keepdims: bool = Fal
       >>> print(masked_sum(x, m, axis=-1))
       [3. 3.]
     """
-    x = _upcast(x)
-    m = _as_float_mask(mask, x)
+    x, m = _weighted_inputs(x, mask)
     # where, not x * m: 0 * nan = nan, and nan * 0 would also poison the gradient.
     return jnp.sum(jnp.where(m != 0, x * m, 0.0), axis=axis, keepdims=keepdims)
 
@@ -123,8 +141,7 @@ def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None, *, keepdims: bool = Fa
       >>> print(masked_mean(x, m))                 # over all tokens of the batch
       1.5
     """
-    x = _upcast(x)
-    m = _as_float_mask(mask, x)
+    x, m = _weighted_inputs(x, mask)
     total = masked_sum(x, m, axis=axis, keepdims=keepdims)
     count = jnp.sum(m, axis=axis, keepdims=keepdims)
     safe_count = jnp.where(count != 0, count, 1.0)  # avoids 0/0 in the value and its gradient
@@ -159,8 +176,7 @@ def masked_var(
       >>> print(masked_var(x, m), masked_var(x, m, unbiased=False))
       1.0 0.6666667
     """
-    x = _upcast(x)
-    m = _as_float_mask(mask, x)
+    x, m = _weighted_inputs(x, mask)
     mean = masked_mean(x, m, axis=axis, keepdims=True)
     var = masked_mean(jnp.square(x - mean), m, axis=axis, keepdims=keepdims)
     if unbiased:
@@ -208,8 +224,7 @@ def masked_whiten(
       >>> print(masked_whiten(x, m))
       [[-1.  0.  1.  0.]]
     """
-    x = _upcast(x)
-    m = _as_float_mask(mask, x)
+    x, m = _weighted_inputs(x, mask)
     mean = masked_mean(x, m, axis=axis, keepdims=True)
     var = masked_var(x, m, axis=axis, unbiased=unbiased, keepdims=True)
     whitened = (x - mean) * jax.lax.rsqrt(var + epsilon)
@@ -424,7 +439,7 @@ def chunked_token_logprobs(
     flat_labels = jnp.pad(labels.reshape(num_tokens), (0, pad))
     flat_hidden = flat_hidden.reshape(num_chunks, chunk_size, d_model)
     flat_labels = flat_labels.reshape(num_chunks, chunk_size)
-    out_dtype = jnp.promote_types(jnp.result_type(hidden, unembedding), jnp.float32)
+    out_dtype = _compute_dtype(hidden, unembedding)
 
     @jax.checkpoint  # recompute the [chunk_size, vocab] logits in the backward pass
     def chunk_logps(args):

@@ -15,7 +15,9 @@ Conventions shared by every function here:
 * ``old_logprobs``, ``ref_logprobs``, ``advantages``, ``old_values`` and ``returns`` are constants
   of the update: ``jax.lax.stop_gradient`` is applied to them, so the same array may be passed as
   ``logprobs`` and ``old_logprobs`` (one update per batch, ratio 1 with the right gradient).
-* float32 inside (bfloat16 inputs are upcast); masked positions are removed with ``jnp.where``
+* float32 at least inside (bfloat16 inputs are upcast; float64 kept under x64, by the promotion
+  rule shared by :mod:`prefjax.losses`; "float32" in a Returns section means that compute dtype;
+  ``clipfrac`` is in the loss's dtype); masked positions are removed with ``jnp.where``
   before any ``exp`` so garbage there cannot produce NaN values or gradients; the log-ratio is
   clamped to ``[-20, 20]`` before ``exp`` (a ratio beyond :math:`e^{20}` is clipped anyway).
 
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from prefjax.losses.kl import k3
-from prefjax.losses.logprobs import masked_mean, masked_sum
+from prefjax.losses.logprobs import _upcast, masked_mean, masked_sum
 
 __all__ = [
     "PPOPolicyLossOutput",
@@ -77,8 +79,8 @@ def _check_positive(name: str, value, *, allow_none: bool = False) -> None:
 
 
 def _token_advantages(advantages: ArrayLike, like: jax.Array) -> jax.Array:
-    """``[batch]`` or ``[batch, seq]`` advantages as a constant float32 ``[batch, seq]``."""
-    advantages = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))
+    """``[batch]`` or ``[batch, seq]`` advantages as a constant (upcast) ``[batch, seq]``."""
+    advantages = jax.lax.stop_gradient(_upcast(advantages))
     if advantages.ndim == 1:
         chex.assert_equal_shape_prefix([advantages, like], 1)
         advantages = advantages[:, None]  # [batch] -> [batch, 1], broadcast over tokens
@@ -89,8 +91,8 @@ def _token_advantages(advantages: ArrayLike, like: jax.Array) -> jax.Array:
 
 def _policy_inputs(logprobs, old_logprobs, mask):
     """Upcast, stop gradients, check shapes; returns (logprobs, old_logprobs, bool mask)."""
-    logprobs = jnp.asarray(logprobs, jnp.float32)
-    old_logprobs = jax.lax.stop_gradient(jnp.asarray(old_logprobs, jnp.float32))
+    logprobs = _upcast(logprobs)
+    old_logprobs = jax.lax.stop_gradient(_upcast(old_logprobs))
     mask = _as_bool_mask(mask)
     chex.assert_rank(logprobs, 2)
     chex.assert_equal_shape([logprobs, old_logprobs, mask])
@@ -129,7 +131,7 @@ def _clipped_surrogate(
     return (
         jnp.where(mask, loss, zero),
         jnp.where(mask, ratio, zero),
-        jnp.where(mask, clipped_active.astype(jnp.float32), zero),
+        jnp.where(mask, clipped_active.astype(zero.dtype), zero),
         jnp.where(mask, approx_kl, zero),
     )
 
@@ -289,9 +291,9 @@ def value_loss(
       in OpenAI baselines ``ppo2`` and Ouyang et al. (InstructGPT), 2022; discussed in Engstrom et
       al., "Implementation Matters in Deep Policy Gradients", ICLR 2020.
     """
-    values = jnp.asarray(values, jnp.float32)
-    old_values = jax.lax.stop_gradient(jnp.asarray(old_values, jnp.float32))
-    returns = jax.lax.stop_gradient(jnp.asarray(returns, jnp.float32))
+    values = _upcast(values)
+    old_values = jax.lax.stop_gradient(_upcast(old_values))
+    returns = jax.lax.stop_gradient(_upcast(returns))
     mask = _as_bool_mask(mask)
     chex.assert_rank(values, 2)
     chex.assert_equal_shape([values, old_values, returns, mask])
@@ -311,7 +313,7 @@ def value_loss(
         clipped_active = clipped > unclipped
     return ValueLossOutput(
         jnp.where(mask, 0.5 * loss, zero),
-        jnp.where(mask, clipped_active.astype(jnp.float32), zero),
+        jnp.where(mask, clipped_active.astype(zero.dtype), zero),
     )
 
 
@@ -336,7 +338,7 @@ def entropy_bonus(token_entropy: ArrayLike, mask: ArrayLike, *, entropy_coef: fl
     References:
       Schulman et al., "Proximal Policy Optimization Algorithms", 2017, Eq. (9).
     """
-    token_entropy = jnp.asarray(token_entropy, jnp.float32)
+    token_entropy = _upcast(token_entropy)
     mask = _as_bool_mask(mask)
     chex.assert_equal_shape([token_entropy, mask])
     token_entropy = jnp.where(mask, token_entropy, 0.0)
@@ -419,7 +421,7 @@ def grpo_loss(
       Models", 2024, Eqs. (3)-(4). Yu et al., "DAPO", 2025, Eqs. (8), (10).
     """
     logprobs, old_logprobs, mask = _policy_inputs(logprobs, old_logprobs, mask)
-    ref_logprobs = jax.lax.stop_gradient(jnp.asarray(ref_logprobs, jnp.float32))
+    ref_logprobs = jax.lax.stop_gradient(_upcast(ref_logprobs))
     chex.assert_equal_shape([logprobs, ref_logprobs])
     advantages = _token_advantages(advantages, logprobs)
     epsilon_low, epsilon_high = _epsilons(clip_eps, epsilon_low, epsilon_high, None)
@@ -466,7 +468,7 @@ def reinforce_loss(logprobs: ArrayLike, advantages: ArrayLike, mask: ArrayLike) 
       Williams, "Simple Statistical Gradient-Following Algorithms for Connectionist Reinforcement
       Learning", Machine Learning 8, 1992. Ahmadian et al., "Back to Basics", ACL 2024, Eq. (6).
     """
-    logprobs = jnp.asarray(logprobs, jnp.float32)
+    logprobs = _upcast(logprobs)
     mask = _as_bool_mask(mask)
     chex.assert_rank(logprobs, 2)
     chex.assert_equal_shape([logprobs, mask])

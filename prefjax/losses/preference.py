@@ -7,8 +7,10 @@ Shared conventions:
   pairwise variants, **length-averaged** (``average=True``) for IPO as TRL runs it, ORPO and
   SimPO. Names spell out role and side: ``policy_chosen_logps``, ``ref_rejected_logps``.
 * Hyperparameters are keyword-only with the papers' (or TRL's) defaults.
-* Everything is computed in float32 (bfloat16 inputs are upcast; float64 kept under x64), with
-  ``jax.nn.log_sigmoid`` / ``logsumexp`` so extreme log-probs (``-1e4``) stay finite.
+* Everything is computed in float32 at least (bfloat16 inputs are upcast; float64 kept under
+  x64, through the promotion rule shared by :mod:`prefjax.losses`; "float32" in a Returns section
+  means that compute dtype), with ``jax.nn.log_sigmoid`` / ``logsumexp`` so extreme log-probs
+  (``-1e4``) stay finite.
 * Nothing is reduced: pairwise losses return :class:`PreferenceLossOutput` with the per-example
   ``loss`` ``[batch]`` and the implicit rewards :math:`\beta(\log\pi - \log\pi^{ref})` (under
   ``stop_gradient``: they are diagnostics, as in TRL). The caller takes ``.loss.mean()``.
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from prefjax.losses.logprobs import masked_mean, masked_sum
+from prefjax.losses.logprobs import _upcast, masked_mean, masked_sum
 
 __all__ = [
     "PAIRWISE_LOSSES",
@@ -91,20 +93,14 @@ class KTOLossOutput(NamedTuple):
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _f32(*xs: ArrayLike) -> list[jax.Array]:
-    """Upcast to at least float32 (bfloat16 -> float32; float64 kept under x64)."""
-    out = []
-    for x in xs:
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(jnp.float32)
-        out.append(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
-    return out
+def _upcast_all(*xs: ArrayLike) -> list[jax.Array]:
+    """Each argument through the shared :func:`prefjax.losses.logprobs._upcast` (>= float32)."""
+    return [_upcast(x) for x in xs]
 
 
 def _pair_inputs(pc, pr, rc, rr) -> list[jax.Array]:
     """Upcast the four ``[batch]`` log-prob arrays and check they share one shape."""
-    pc, pr, rc, rr = _f32(pc, pr, rc, rr)
+    pc, pr, rc, rr = _upcast_all(pc, pr, rc, rr)
     chex.assert_equal_shape((pc, pr, rc, rr))
     return [pc, pr, rc, rr]
 
@@ -174,11 +170,11 @@ def bradley_terry_loss(
       Llama 2, Eq. 2 (margin).
     """
     _check_probability("label_smoothing", label_smoothing, high=0.5)
-    chosen_rewards, rejected_rewards = _f32(chosen_rewards, rejected_rewards)
+    chosen_rewards, rejected_rewards = _upcast_all(chosen_rewards, rejected_rewards)
     chex.assert_equal_shape((chosen_rewards, rejected_rewards))
     logits = chosen_rewards - rejected_rewards
     if margin is not None:
-        (margin,) = _f32(margin)
+        margin = _upcast(margin)
         logits = logits - margin
     # log_sigmoid(x) = -softplus(-x): finite for any |x|, unlike log(sigmoid(x)).
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
@@ -212,7 +208,7 @@ def plackett_luce_loss(scores: ArrayLike, *, mask: ArrayLike | None = None) -> j
     References:
       Plackett (1975); Luce (1959); Rafailov et al. (2023), DPO, Appendix A.3, Eq. 20.
     """
-    (scores,) = _f32(scores)
+    scores = _upcast(scores)
     chex.assert_rank(scores, 2)
     if mask is None:
         mask = jnp.ones(scores.shape, dtype=bool)
@@ -483,7 +479,7 @@ def bco_pair_loss(
     pc, pr, rc, rr = _pair_inputs(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    (delta,) = _f32(delta)
+    delta = _upcast(delta)
     delta = jax.lax.stop_gradient(delta)
     chosen = beta * (pc - rc)
     rejected = beta * (pr - rr)
@@ -765,7 +761,7 @@ def listwise_dpo_loss(
       1.7918
     """
     _check_beta(beta)
-    policy_logps, ref_logps = _f32(policy_logps, ref_logps)
+    policy_logps, ref_logps = _upcast_all(policy_logps, ref_logps)
     chex.assert_rank(policy_logps, 2)
     chex.assert_equal_shape((policy_logps, ref_logps))
     rewards = beta * (policy_logps - ref_logps)
@@ -802,13 +798,13 @@ def kto_reference_point(
       >>> print(kto_reference_point(jnp.array([-3.0, -5.0]), jnp.array([-4.0, -4.5])))
       0.25
     """
-    policy_mismatched_logps, ref_mismatched_logps = _f32(
+    policy_mismatched_logps, ref_mismatched_logps = _upcast_all(
         policy_mismatched_logps, ref_mismatched_logps
     )
     chex.assert_equal_shape((policy_mismatched_logps, ref_mismatched_logps))
     diff = policy_mismatched_logps - ref_mismatched_logps
     if mask is None:
-        mask = jnp.ones(diff.shape)
+        mask = jnp.ones(diff.shape, jnp.bool_)  # bool: a mask never sets the compute dtype
     return jax.lax.stop_gradient(jnp.maximum(masked_mean(diff, mask), 0.0))
 
 
@@ -859,7 +855,7 @@ def kto_loss(
       Ethayarajh et al. (2024), "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 8.
     """
     _check_beta(beta)
-    policy_logps, ref_logps, kl_estimate = _f32(policy_logps, ref_logps, kl_estimate)
+    policy_logps, ref_logps, kl_estimate = _upcast_all(policy_logps, ref_logps, kl_estimate)
     desirable = jnp.asarray(desirable)
     chex.assert_equal_shape((policy_logps, ref_logps, desirable))
     z0 = jax.lax.stop_gradient(jnp.maximum(kl_estimate, 0.0))
@@ -901,7 +897,7 @@ def orpo_log_odds_ratio(chosen_avg_logps: ArrayLike, rejected_avg_logps: ArrayLi
       >>> print(orpo_log_odds_ratio(p, q))                 # log(1 / 0.25)
       [1.3862944]
     """
-    chosen_avg_logps, rejected_avg_logps = _f32(chosen_avg_logps, rejected_avg_logps)
+    chosen_avg_logps, rejected_avg_logps = _upcast_all(chosen_avg_logps, rejected_avg_logps)
     chex.assert_equal_shape((chosen_avg_logps, rejected_avg_logps))
     c = jnp.minimum(chosen_avg_logps, _ORPO_MAX_LOGP)
     r = jnp.minimum(rejected_avg_logps, _ORPO_MAX_LOGP)
@@ -942,7 +938,7 @@ def orpo_loss(
       Model", Eqs. 6-7.
     """
     _check_beta(beta)
-    chosen_avg_logps, rejected_avg_logps = _f32(chosen_avg_logps, rejected_avg_logps)
+    chosen_avg_logps, rejected_avg_logps = _upcast_all(chosen_avg_logps, rejected_avg_logps)
     log_odds = orpo_log_odds_ratio(chosen_avg_logps, rejected_avg_logps)
     loss = -beta * jax.nn.log_sigmoid(log_odds)
     return PreferenceLossOutput(
@@ -993,7 +989,7 @@ def simpo_loss(
     """
     _check_beta(beta)
     _check_probability("label_smoothing", label_smoothing, high=0.5)
-    chosen_avg_logps, rejected_avg_logps = _f32(chosen_avg_logps, rejected_avg_logps)
+    chosen_avg_logps, rejected_avg_logps = _upcast_all(chosen_avg_logps, rejected_avg_logps)
     chex.assert_equal_shape((chosen_avg_logps, rejected_avg_logps))
     logits = beta * (chosen_avg_logps - rejected_avg_logps) - gamma
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
@@ -1042,7 +1038,7 @@ def cpo_loss(
     """
     _check_beta(beta)
     _check_probability("label_smoothing", label_smoothing, high=0.5)
-    pc, pr = _f32(policy_chosen_logps, policy_rejected_logps)
+    pc, pr = _upcast_all(policy_chosen_logps, policy_rejected_logps)
     chex.assert_equal_shape((pc, pr))
     logits = beta * (pc - pr)
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
@@ -1081,7 +1077,7 @@ def sft_loss(token_logps: ArrayLike, mask: ArrayLike, *, average: bool = True) -
       >>> print(sft_loss(lp, jnp.array([[1, 1, 0]])) / jnp.log(2.0))   # (1 + 2) / 2 bits
       [1.5]
     """
-    (token_logps,) = _f32(token_logps)
+    token_logps = _upcast(token_logps)
     chex.assert_rank(token_logps, 2)
     chex.assert_equal_shape((token_logps, jnp.asarray(mask)))
     if average:

@@ -172,6 +172,64 @@ def test_masked_whiten_per_row_and_degenerate_cases():
         assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
+# Non-binary masks act as weights (the module docstring: "reductions weight by it"; masked_sum
+# and masked_mean say so, the formulas of masked_var, masked_whiten and sequence_logprobs carry
+# m_i). Row 0 weighs more than one token in all (Bessel's factor n / (n - 1) applies), row 1 less
+# than one (the factor is skipped), and the NaN sits where the weight is 0.
+_WEIGHTED_X = np.array([[1.0, -2.0, np.nan, 4.0, 0.5], [3.0, np.nan, -1.0, 2.0, 7.0]], np.float32)
+_WEIGHTS = np.array([[0.5, 1.0, 0.0, 0.25, 2.0], [0.25, 0.0, 0.5, 0.0, 0.125]], np.float32)
+
+
+def _weighted_stats_by_hand(x, w):
+    """Per-row weighted sum, mean, biased variance and Bessel factor (n = sum of weights)."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    x = np.where(w != 0, x, 0.0)  # the NaNs carry weight 0
+    n = w.sum(-1)
+    total = (w * x).sum(-1)
+    mean = total / n
+    biased_var = (w * (x - mean[:, None]) ** 2).sum(-1) / n
+    bessel = np.array([k / (k - 1) if k > 1 else 1.0 for k in n])
+    return total, mean, biased_var, bessel
+
+
+def test_masked_reductions_use_fractional_masks_as_weights():
+    x, w = _WEIGHTED_X, _WEIGHTS
+    total, mean, biased_var, bessel = _weighted_stats_by_hand(x, w)
+    np.testing.assert_allclose(total, [0.5 * 1 - 2 + 0.25 * 4 + 2 * 0.5, 0.25 * 3 - 0.5 + 7 / 8])
+    np.testing.assert_allclose(bessel, [3.75 / 2.75, 1.0])  # row 1 weighs 0.875 <= 1: no factor
+    np.testing.assert_allclose(L.masked_sum(x, w, axis=-1), total, rtol=1e-6)
+    np.testing.assert_allclose(L.masked_mean(x, w, axis=-1), mean, rtol=1e-6)
+    pooled = total.sum() / w.sum()  # axis=None: one weighted mean over the whole batch
+    np.testing.assert_allclose(L.masked_mean(x, w), pooled, rtol=1e-6)
+    np.testing.assert_allclose(L.masked_var(x, w, axis=-1), bessel * biased_var, rtol=1e-5)
+    got = L.masked_var(x, w, axis=-1, unbiased=False)
+    np.testing.assert_allclose(got, biased_var, rtol=1e-5)
+
+
+def test_masked_whiten_takes_weighted_statistics_and_does_not_scale_by_the_weight():
+    x, w = _WEIGHTED_X, _WEIGHTS
+    _, mean, biased_var, bessel = _weighted_stats_by_hand(x, w)
+    var = bessel * biased_var
+    eps = 1e-8
+    want = np.where(w != 0, (x - mean[:, None]) / np.sqrt(var[:, None] + eps), 0.0)
+    got = L.masked_whiten(x, w, axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    unshifted = np.where(w != 0, want + mean[:, None], 0.0)
+    got = L.masked_whiten(x, w, axis=-1, shift_mean=False)
+    np.testing.assert_allclose(got, unshifted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "mean"])
+def test_sequence_logprobs_weights_tokens_by_a_fractional_mask(average):
+    logits, labels, _ = _lm_case(9, batch=2, seq=5)
+    w = _WEIGHTS
+    lp = np_token_logprobs(logits, labels)  # [batch, seq], float64
+    weighted = (w * lp).sum(-1)  # sum_t m_t log p_t
+    want = weighted / w.sum(-1) if average else weighted
+    got = L.sequence_logprobs(logits, labels, w, average=average)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_reductions_gradients_match_finite_differences():
     rng = np.random.default_rng(9)
     x = rng.normal(size=(3, 5))

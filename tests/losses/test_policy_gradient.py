@@ -131,6 +131,18 @@ def test_reductions_weigh_sequences_vs_tokens_hand_computed():
     assert float(constant_mean(loss, mask, normalizer=16.0)) == pytest.approx(0.5)
 
 
+def test_token_and_constant_mean_use_fractional_masks_as_weights():
+    # Their formulas weigh each token by m_{i,t}; e.g. a 0.5 marks a token that counts half.
+    # (sequence_mean's formula is a plain per-sequence mean over |o_i| tokens: no weight claim.)
+    loss = np.array([[1.0, 2.0, np.nan, 4.0], [3.0, -1.0, 5.0, np.nan]], np.float32)
+    w = np.array([[0.5, 1.0, 0.0, 0.25], [2.0, 0.5, 0.125, 0.0]], np.float32)
+    weighted_sum = 0.5 * 1 + 2.0 + 0.25 * 4 + 2 * 3 - 0.5 + 0.125 * 5  # 9.625
+    total_weight = 0.5 + 1.0 + 0.25 + 2.0 + 0.5 + 0.125  # 4.375
+    np.testing.assert_allclose(token_mean(loss, w), weighted_sum / total_weight, rtol=1e-6)
+    np.testing.assert_allclose(constant_mean(loss, w), weighted_sum / 8, rtol=1e-6)
+    np.testing.assert_allclose(constant_mean(loss, w, normalizer=5.0), weighted_sum / 5, rtol=1e-6)
+
+
 def test_reinforce_loss_gradient_is_minus_advantage():
     new, _, adv, mask = _random_case(4)
     loss = reinforce_loss(new, adv, mask)

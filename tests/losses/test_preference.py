@@ -302,6 +302,40 @@ def test_kto_hand_computed():
     np.testing.assert_allclose(out.rewards, [0.5, 0.5], rtol=1e-6)
 
 
+def test_kto_loss_clamps_a_negative_kl_estimate_to_zero():
+    # kto_loss clamps z0 itself (its docstring), whoever computed the estimate: a batch KL of
+    # -0.8 (e.g. averaged across devices, unclamped) must act as z0 = 0. r = 1.5 and -0.5.
+    beta = 0.5
+    out = L.kto_loss(
+        jnp.array([-1.0, -3.0, -1.0]),
+        jnp.array([-2.5, -2.5, -2.5]),
+        jnp.array([1, 1, 0]),
+        jnp.array(-0.8),
+        beta=beta,
+        undesirable_weight=2.0,
+    )
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    z0 = 0.0
+    want = [
+        1 - sig(beta * (1.5 - z0)),
+        1 - sig(beta * (-0.5 - z0)),
+        2 * (1 - sig(beta * (z0 - 1.5))),
+    ]
+    np.testing.assert_allclose(out.loss, want, rtol=1e-6)
+    # Not the unclamped value: with z0 = -0.8 the first loss would be 1 - sigmoid(1.15).
+    assert abs(float(out.loss[0]) - (1 - sig(beta * (1.5 + 0.8)))) > 0.05
+
+
+def test_sft_loss_uses_fractional_masks_as_weights():
+    # The formula weighs each token by m_t: -sum_t m_t log p_t (/ sum_t m_t when averaged).
+    lp = np.log(np.array([[0.5, 0.25, 0.125, 0.9], [0.5, 0.1, 0.2, 0.4]]))
+    w = np.array([[1.0, 0.5, 0.0, 0.25], [0.125, 0.0, 2.0, 0.5]])
+    weighted = (w * lp).sum(-1)
+    lp32 = lp.astype(np.float32)
+    np.testing.assert_allclose(L.sft_loss(lp32, w, average=False), -weighted, rtol=1e-6)
+    np.testing.assert_allclose(L.sft_loss(lp32, w), -weighted / w.sum(-1), rtol=1e-6)
+
+
 def test_orpo_log_odds_formula_and_limits():
     p_w, p_l = np.array([0.6, 0.1]), np.array([0.3, 0.1])
     expected = np.log(p_w / (1 - p_w)) - np.log(p_l / (1 - p_l))
