@@ -6,8 +6,7 @@ minute or two); see ``experiments/configs/dpo.py`` for what it prints and what "
 
 from absl import app, flags
 
-from experiments import launch
-from prefjax.train import dpo
+from experiments import launch, pipelines
 
 FLAGS = flags.FLAGS
 launch.define_config_flag("dpo")  # --config, --config.*, --workdir
@@ -16,7 +15,7 @@ launch.define_config_flag("dpo")  # --config, --config.*, --workdir
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, dpo.run)
+    launch.main(FLAGS.config, FLAGS.workdir, pipelines.sft_then_dpo)
 
 
 if __name__ == "__main__":

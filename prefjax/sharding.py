@@ -29,6 +29,7 @@ Example (8 devices: 2-way data parallel x 4-way FSDP)::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -96,8 +97,6 @@ def initialize_distributed(config: Any = None, **kwargs: Any) -> bool:
     """
     if config is not None and not bool(config.mesh.get("distributed", False)):
         return False
-    import os
-
     env = {
         "coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
         "num_processes": os.environ.get("JAX_NUM_PROCESSES"),

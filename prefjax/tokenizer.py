@@ -22,9 +22,14 @@ the way ``transformers`` renders them, without importing ``transformers``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from collections.abc import Sequence
+
+import jinja2
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # The byte tokenizer's special tokens, in id order after the 256 byte ids. Eight in all so the
 # vocabulary (264) is a multiple of 8 and shards evenly over up to 8 devices.
@@ -247,10 +252,6 @@ class HFTokenizer:
 
 def _compile_jinja(template: str):
     """Compile a chat template the way ``transformers`` does (sandboxed, trimmed blocks)."""
-    import datetime
-
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -287,8 +288,6 @@ def load_tokenizer(path: str) -> HFTokenizer:
     Returns:
       An :class:`HFTokenizer`.
     """
-    import tokenizers
-
     tok_file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_file):
         raise FileNotFoundError(

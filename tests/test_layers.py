@@ -37,3 +37,48 @@ def test_contract_catches_an_upward_import(tmp_path):
     )
     assert result.returncode != 0
     assert "prefjax.losses.kl -> prefjax.train.loop" in result.stdout
+
+
+# Imports allowed inside functions in prefjax/: optional or heavy dependencies that only some runs
+# use, each imported where it is used. Anything else goes at the top of its module.
+LAZY_IMPORTS = {
+    "tensorflow_datasets": "TFDS folders only; importing it loads much of TensorFlow's tooling",
+    "matplotlib": "the end-of-run curves only (logging.plot); slow to import",
+    "tensorboardX": "TensorBoard event files only (logging.tensorboard); imports protobuf",
+    "pyarrow": "Parquet files only; a large native library",
+}
+
+
+def _imports_inside_functions(path):
+    import ast
+
+    tree = ast.parse(open(path).read(), path)
+    found = []
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.Import):
+                found += [(node.lineno, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                found.append((node.lineno, "." * node.level + (node.module or "")))
+    return found
+
+
+def test_no_imports_inside_functions_but_the_listed_lazy_ones():
+    bad, used = [], set()
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "prefjax")):
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            for lineno, module in _imports_inside_functions(path):
+                top = module.split(".")[0]
+                if top in LAZY_IMPORTS:
+                    used.add(top)
+                else:
+                    bad.append(f"{os.path.relpath(path, ROOT)}:{lineno}: import {module}")
+    assert not bad, "imports inside functions (move them to the top):\n" + "\n".join(bad)
+    assert used == set(LAZY_IMPORTS), (
+        f"listed but never imported lazily: {set(LAZY_IMPORTS) - used}"
+    )

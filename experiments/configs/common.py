@@ -14,17 +14,16 @@ import ml_collections
 from prefjax.train import config as train_config
 from prefjax.train import dpo, reward, sft
 from prefjax.train.config import (  # noqa: F401  (re-exported: the names launchers and tests use)
-    ALGORITHMS,
     DEFAULT_RULES,
     ConfigError,
     Derived,
-    batch_kind,
-    derived,
     resolve_mesh_shape,
 )
 
-# The algorithm module that trains each ``config.algorithm.name`` (the launchers' table).
-ALGORITHM_MODULES = {"sft": sft, "reward": reward, "dpo": dpo}
+# The algorithm module that trains each ``config.algorithm.name`` (the launchers' table; the
+# library itself knows no algorithm by name).
+ALGORITHM_MODULES = {m.NAME: m for m in (sft, reward, dpo)}
+ALGORITHMS = tuple(ALGORITHM_MODULES)
 
 
 def algorithm_module(config):
@@ -40,6 +39,16 @@ def algorithm_module(config):
 def validate(config, num_devices: int | None = None) -> None:
     """:func:`prefjax.train.config.validate` with the algorithm's own checks."""
     train_config.validate(config, num_devices, algorithm=algorithm_module(config))
+
+
+def derived(config, num_devices: int | None = None, workdir: str | None = None):
+    """:func:`prefjax.train.config.derived` for ``config.algorithm.name``'s module."""
+    return train_config.derived(config, num_devices, workdir, algorithm=algorithm_module(config))
+
+
+def batch_kind(config) -> str:
+    """The batch layout ``config.algorithm.name``'s module reads."""
+    return algorithm_module(config).batch_kind(config)
 
 
 def base_config(algorithm: str) -> ml_collections.ConfigDict:

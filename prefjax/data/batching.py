@@ -20,6 +20,7 @@ import math
 import sys
 
 import grain
+import jax
 import numpy as np
 
 from prefjax.data.dataset import TokenizedDataset
@@ -279,8 +280,6 @@ class BatchIterator:
         prefetch: int = 2,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if batch_size <= 0 or batch_size % process_count:

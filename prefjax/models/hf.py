@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import EinopsError, rearrange
+from safetensors import safe_open
+from safetensors.flax import save_file
 
 from prefjax.models.config import RopeScaling, TransformerConfig
 from prefjax.models.model import Model, _init_fn, _init_head_params
@@ -471,8 +473,6 @@ class _TensorSource:
         single = os.path.join(path, "model.safetensors")
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(single):
-            from safetensors import safe_open
-
             with safe_open(single, framework="flax") as f:
                 self.files = {name: single for name in f.keys()}
             self.where = single
@@ -503,8 +503,6 @@ class _TensorSource:
         """The tensor as a float32 NumPy array (bfloat16 / float16 checkpoints are upcast)."""
         if name not in self.files:
             raise KeyError(f"tensor {name!r} is missing from {self.where}")
-        from safetensors import safe_open
-
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(file, framework="flax")
@@ -685,8 +683,6 @@ def save_pretrained(
       dtype: dtype of the written tensors (default: the config's ``param_dtype``).
       max_shard_size: shard size limit in bytes.
     """
-    from safetensors.flax import save_file
-
     if isinstance(model_or_config, Model):
         config, head = model_or_config.config, head or model_or_config.head
     else:

@@ -1,18 +1,53 @@
 """Sharded, jitted train steps and the training loop.
 
-One file per algorithm, each with the same shape (``make_train_step``, ``make_eval_step``,
-``setup``, ``run``):
+One file per algorithm, each filling the same protocol:
 
   prefjax.train.sft         supervised fine-tuning (token-mean NLL of responses)
   prefjax.train.reward      reward models: Bradley-Terry (with margin), Plackett-Luce
   prefjax.train.dpo         DPO and its family (every ``prefjax.losses.PAIRWISE_LOSSES`` entry,
-                            listwise, KTO, ORPO, SimPO); precomputed reference log-probs
+                            listwise, KTO, ORPO, SimPO)
+
+and the pieces they share:
+
+  prefjax.train.config      shared config fields: validation (once per run), derived values
+  prefjax.train.setup       sharded state, frozen pytree, jitted steps (``build_setup``)
+  prefjax.train.reference   reference log-probs precomputed once (``reference="precomputed"``)
+  prefjax.train.loop        the loop (checkpoints, resumption, metrics, plots); no algorithm names
+  prefjax.train.workdir     run directories: identity, resume rules, lock
   prefjax.train.evaluation  held-out metrics, bandit KL to the closed-form optimum, gold reward
                             of generated responses, KL to the reference, length statistics
   prefjax.train.state       ``TrainState`` (step, trainable params, optimiser state)
   prefjax.train.optim       AdamW + schedules, exact gradient accumulation, non-finite guard
-  prefjax.train.common      shared pieces (log-probs of a batch, ``Setup``, jitting)
-  prefjax.train.loop        the loop (checkpoints, resumption, metrics, plots)
+  prefjax.train.common      log-probs of a batch, ``Setup``, jitting, the update with its norms
+
+The ``Algorithm`` protocol
+--------------------------
+An algorithm is a module (or any object) with these attributes; :func:`prefjax.train.loop.run`
+asks it for everything it needs and knows no algorithm by name:
+
+========================================  ======================================================
+``NAME``                                  the ``config.algorithm.name`` it trains
+``HEAD``                                  the model head: ``"lm"`` (a policy) or ``"reward"``
+``batch_kind(config) -> str``             the batches it reads: ``"sft"``, ``"pairwise"``,
+                                          ``"listwise"`` or ``"unpaired"`` (prefjax.data kinds)
+``uses_reference(config) -> bool``        whether it reads a frozen reference (or precomputed
+                                          reference log-probs, ``algorithm.reference``)
+``validate_config(config)``               its own fields' start-up checks; raise ``ValueError``
+                                          naming ``config.<field>`` (the shared fields are
+                                          checked by :mod:`prefjax.train.config`)
+``setup(config, model, mesh, key)``       a :class:`prefjax.train.common.Setup`: sharded state,
+                                          frozen pytree, jitted ``train_step(state, batch,
+                                          frozen, key) -> (state, metrics)`` and ``eval_step(
+                                          params, batch, frozen) -> {name: (sum, count)}``;
+                                          :func:`prefjax.train.setup.build_setup` builds it
+                                          from the two step factories
+========================================  ======================================================
+
+Adding an algorithm is one file here plus a config and a launcher in ``experiments/`` (and an
+entry in ``experiments/configs/common.py``'s ``ALGORITHM_MODULES``); the loop, the inputs and
+the evaluation do not change. ``tests/train/test_algorithm_protocol.py`` trains a reference-free
+SLiC-HF calibration loss written in ~40 lines through the unchanged loop; docs/training.md,
+"Adding an algorithm", walks through it.
 
 See ``docs/training.md``.
 """

@@ -19,10 +19,9 @@ import os
 
 import jax
 
-from prefjax import losses, sharding
+from prefjax import sharding
 from prefjax.train.errors import ConfigError
 
-ALGORITHMS = ("sft", "reward", "dpo")
 MODEL_PRESETS = ("tiny", "gpt2", "llama1b")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -30,10 +29,6 @@ ATTENTION_IMPLS = ("xla", "cudnn", "")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TASKS = ("sequence", "bandit", "files")
 REFERENCES = ("copy", "lora_base", "precomputed", "none")
-# DPO losses that are not in prefjax.losses.PAIRWISE_LOSSES (different batch kind or no reference).
-DPO_EXTRA_LOSSES = ("listwise", "kto", "orpo", "simpo")
-REFERENCE_FREE_LOSSES = ("orpo", "simpo")
-REWARD_LOSSES = ("bradley_terry", "plackett_luce")
 OPTIMIZERS = ("adamw", "adam", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
@@ -100,19 +95,9 @@ class Derived:
     export_dir: str  # where the HF export goes ("" when export.hf is off)
 
 
-def batch_kind(config) -> str:
-    """The batch layout the algorithm reads: ``sft``, ``pairwise``, ``listwise`` or ``unpaired``."""
-    name, loss = config.algorithm.name, config.algorithm.loss
-    if name == "sft":
-        return "sft"
-    if loss in ("listwise", "plackett_luce"):
-        return "listwise"
-    if loss == "kto":
-        return "unpaired"
-    return "pairwise"
-
-
-def derived(config, num_devices: int | None = None, workdir: str | None = None) -> Derived:
+def derived(
+    config, num_devices: int | None = None, workdir: str | None = None, *, algorithm
+) -> Derived:
     """Every value computed from config fields, in one place (never written back)."""
     if num_devices is None:
         num_devices = jax.device_count()
@@ -125,9 +110,9 @@ def derived(config, num_devices: int | None = None, workdir: str | None = None) 
         mesh_shape=shape,
         batch_shards=shape[0] * shape[1],
         micro_batch_size=config.data.batch_size // config.optimizer.grad_accum_steps,
-        head="reward" if config.algorithm.name == "reward" else "lm",
-        batch_kind=batch_kind(config),
-        uses_reference=config.algorithm.reference != "none",
+        head=algorithm.HEAD,
+        batch_kind=algorithm.batch_kind(config),
+        uses_reference=algorithm.uses_reference(config),
         workdir=workdir,
         export_dir=export_dir,
     )
@@ -140,8 +125,14 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
     checks (rpo_alpha, loss-specific hyperparameters), turned into ``ConfigError`` too.
     """
     _positive(config, "seed", zero_ok=True)
-    _choice(config, "algorithm.name", ALGORITHMS)
-    name = config.algorithm.name
+    if algorithm is None:
+        raise TypeError("validate(config, num_devices, algorithm): name the algorithm module")
+    if config.algorithm.name != algorithm.NAME:
+        _fail(
+            "algorithm.name",
+            config.algorithm.name,
+            f"{algorithm.__name__} trains {algorithm.NAME!r}",
+        )
 
     # Model.
     if config.model.path:
@@ -186,8 +177,6 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
         _positive(config, "data.num_eval")
         if not 0.0 <= data.label_noise <= 1.0:
             _fail("data.label_noise", data.label_noise, "must be in [0, 1]")
-    if data.task == "bandit" and name == "sft":
-        _fail("data.task", data.task, "the bandit has no responses to imitate; use 'sequence'")
     _choice(config, "data.sft_responses", ("chosen", "base"))
     if not 0.0 < data.eval_fraction < 1.0:
         _fail("data.eval_fraction", data.eval_fraction, "must be in (0, 1)")
@@ -199,31 +188,11 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
     _positive(config, "data.eval_batch_size")
     _positive(config, "data.seed", zero_ok=True)
 
-    # Algorithm.
+    # Shared algorithm fields (the algorithm's own are checked by its validate_config).
     algo = config.algorithm
-    if name == "sft":
-        _choice(config, "algorithm.loss", ("sft",))
-    elif name == "reward":
-        _choice(config, "algorithm.loss", REWARD_LOSSES)
-    else:
-        _choice(config, "algorithm.loss", tuple(losses.PAIRWISE_LOSSES) + DPO_EXTRA_LOSSES)
     _choice(config, "algorithm.reference", REFERENCES)
-    if name in ("sft", "reward") or algo.loss in REFERENCE_FREE_LOSSES:
-        if algo.reference != "none":
-            _fail("algorithm.reference", algo.reference, f"{algo.loss!r} uses no reference: 'none'")
-    elif algo.reference == "none":
-        _fail("algorithm.reference", "none", f"loss {algo.loss!r} needs a reference policy")
     if algo.reference == "lora_base" and not config.model.lora.rank:
         _fail("algorithm.reference", "lora_base", "needs LoRA adapters (model.lora.rank > 0)")
-    if name == "dpo":
-        _positive(config, "algorithm.beta", integer=False)
-        if not 0.0 <= algo.label_smoothing < 0.5:
-            _fail("algorithm.label_smoothing", algo.label_smoothing, "must be in [0, 0.5)")
-    if algo.loss == "kto":
-        _positive(config, "algorithm.desirable_weight", integer=False)
-        _positive(config, "algorithm.undesirable_weight", integer=False)
-    if algo.loss == "orpo":
-        _positive(config, "algorithm.sft_weight", zero_ok=True, integer=False)
 
     # Optimiser.
     opt = config.optimizer
@@ -261,7 +230,7 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
             if t is not None and t not in MESH_AXES:
                 _fail("mesh.rules", rule, f"{t!r} is not a mesh axis {MESH_AXES}")
     if num_devices is not None or not config.mesh.distributed:
-        d = derived(config, num_devices)
+        d = derived(config, num_devices, algorithm=algorithm)
         micro = d.micro_batch_size
         if micro % d.batch_shards:
             _fail(
@@ -291,10 +260,6 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
     _positive(config, "eval.num_samples")
     _positive(config, "checkpoint.every", zero_ok=True)
     _positive(config, "checkpoint.keep")
-    if name == "reward" and config.model.lora.rank:
-        _fail("model.lora.rank", config.model.lora.rank, "reward models train the full network")
-    if config.export.hf and name == "reward":
-        _fail("export.hf", True, "only policies (sft, dpo) export to a Hugging Face LM folder")
     if "sft_warmup" in config:
         _positive(config, "sft_warmup.num_steps", zero_ok=True)
         if config.sft_warmup.num_steps:
@@ -308,7 +273,7 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
                     "the bandit has no responses to imitate; set 0 (the bandit's reference is "
                     "the initial policy)",
                 )
-    if algorithm is not None and hasattr(algorithm, "validate_config"):
+    if hasattr(algorithm, "validate_config"):
         try:
             algorithm.validate_config(config)
         except ConfigError:

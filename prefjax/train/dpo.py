@@ -28,6 +28,7 @@ responses); ``length/chosen``, ``length/rejected`` (response tokens); plus the n
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,9 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from prefjax import losses
-from prefjax.train import common
+from prefjax.train import common, loop
 from prefjax.train import setup as train_setup
 from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
+from prefjax.train.errors import ConfigError
 from prefjax.train.reference import precompute_reference_logps  # noqa: F401  (public name)
 
 SPECIAL_LOSSES = ("listwise", "kto", "orpo", "simpo")
@@ -48,6 +50,21 @@ REFERENCES = ("copy", "lora_base", "precomputed", "none")
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
+
+
+# The Algorithm protocol (see prefjax.train): what the loop asks of this module.
+NAME = "dpo"
+HEAD = "lm"
+
+
+def batch_kind(config: Any) -> str:
+    """Pairs, except rankings for ``listwise`` and unpaired feedback for ``kto``."""
+    loss = config.algorithm.loss
+    return {"listwise": "listwise", "kto": "unpaired"}.get(loss, "pairwise")
+
+
+def uses_reference(config: Any) -> bool:
+    return config.algorithm.reference != "none"
 
 
 def loss_names() -> tuple[str, ...]:
@@ -93,6 +110,16 @@ def validate_config(config: Any) -> None:
             "reference point pairs prompts with other examples' responses in each batch, so it "
             "cannot be computed ahead of time. Use 'copy' or 'lora_base'."
         )
+    smoothing = float(get(config, "algorithm.label_smoothing", 0.0))
+    if not 0.0 <= smoothing < 0.5:
+        raise ValueError(f"config.algorithm.label_smoothing={smoothing!r}: must be in [0, 0.5).")
+    for field in ("desirable_weight", "undesirable_weight") if loss == "kto" else ():
+        if float(config.algorithm[field]) <= 0:
+            raise ValueError(f"config.algorithm.{field}={config.algorithm[field]!r}: must be > 0.")
+    if loss == "orpo" and float(config.algorithm.sft_weight) < 0:
+        raise ValueError(
+            f"config.algorithm.sft_weight={config.algorithm.sft_weight!r}: must be >= 0."
+        )
     rpo_alpha = get(config, "algorithm.rpo_alpha", 0.0)
     if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float)) or rpo_alpha < 0:
         raise ValueError(f"config.algorithm.rpo_alpha={rpo_alpha!r} must be a number >= 0.")
@@ -102,7 +129,6 @@ def validate_config(config: Any) -> None:
             f"{tuple(losses.PAIRWISE_LOSSES)}, not {loss!r}; set config.algorithm.rpo_alpha=0 "
             "(ORPO's NLL weight is config.algorithm.sft_weight)."
         )
-    smoothing = float(get(config, "algorithm.label_smoothing", 0.0))
     if loss in losses.PAIRWISE_LOSSES or loss == "simpo":
         # Each loss checks its own hyperparameters; run it once on zeros so a bad value fails
         # here, naming the config field, instead of inside the jitted step.
@@ -519,7 +545,6 @@ def _finalize(config: Any) -> Callable[[Any, Mapping[str, jax.Array]], Metrics]:
 
 def loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
     """``(params, batch, frozen, key, denominators) -> (loss, sums)`` for ``algorithm.loss``."""
-    validate_config(config)
     loss = get(config, "algorithm.loss", "sigmoid")
     if loss == "listwise":
         return _listwise_loss_fn(model, config)
@@ -607,9 +632,16 @@ def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
 
 
 def run(config: Any, workdir: str) -> Any:
-    """Trains with ``config`` and writes checkpoints/metrics to ``workdir`` (the generic loop)."""
-    import sys
+    """Trains with ``config`` and writes checkpoints/metrics to ``workdir`` (the generic loop).
 
-    from prefjax.train import loop
-
+    The SFT warm-up is a stage of a pipeline (``experiments.pipelines.sft_then_dpo``, what
+    ``python -m experiments.dpo`` runs), not of this algorithm: a config asking for one is refused
+    here rather than trained without it.
+    """
+    if "sft_warmup" in config and config.sft_warmup.num_steps:
+        raise ConfigError(
+            f"config.sft_warmup.num_steps={config.sft_warmup.num_steps}: the SFT warm-up is a "
+            "pipeline stage; run experiments.pipelines.sft_then_dpo(config, workdir) (what "
+            "`python -m experiments.dpo` does), or set it to 0"
+        )
     return loop.run(config, workdir, sys.modules[__name__])

@@ -25,8 +25,9 @@ import numpy as np
 
 from prefjax import data as pdata
 from prefjax import models
+from prefjax.data import readers
 from prefjax.data.splits import group_key
-from prefjax.train import common
+from prefjax.train import common, evaluation
 
 # Extra examples generated per requested one before the grouped split keeps each side's share.
 _OVERSAMPLE = 1.3
@@ -179,8 +180,6 @@ def _task_split(config, task, kind: str):
 
 
 def _read_files(paths: str, kind: str, config, tokenizer, field: str):
-    from prefjax.data import readers
-
     files = [p.strip() for p in paths.split(",") if p.strip()]
     records = []
     for path in files:
@@ -231,8 +230,9 @@ def _prompt_batch(prompts: list[str], tokenizer, config):
     return batch
 
 
-def build_data(config, tokenizer, kind: str) -> Data:
-    """Train and held-out data of ``kind`` from ``config.data``."""
+def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
+    """Train and held-out data of ``kind`` from ``config.data``; ``generate``: the policy is a
+    language model whose responses can be decoded and scored (``config.eval.generate``)."""
     d = config.data
     task, prompts, num_eval_prompts, num_train_prompts = None, None, 0, 0
     sample_prompts = None
@@ -260,7 +260,7 @@ def build_data(config, tokenizer, kind: str) -> Data:
         task = _make_task(config)
         train_records, eval_records, held_out = _task_split(config, task, kind)
         append_eos = not isinstance(task, pdata.Bandit)
-        if config.eval.generate and config.algorithm.name != "reward":
+        if config.eval.generate and generate:
             n = config.eval.num_prompts
             evp = sorted(held_out)[:n] if held_out else list(task.prompts)[:n]
             trp = sorted(set(task.prompts) - held_out)[:n] if held_out else []
@@ -307,11 +307,10 @@ def _policy_and_lora(setup, params):
     return params, None
 
 
-def prepare_task_eval(setup, model, eval_data: EvalData, config) -> None:
-    """Records what task metrics compare against: the initial policy over the bandit's arms."""
-    from prefjax.train import evaluation
-
-    if isinstance(eval_data.task, pdata.Bandit) and config.algorithm.name == "dpo":
+def prepare_task_eval(setup, model, eval_data: EvalData, config, *, uses_reference: bool) -> None:
+    """Records what task metrics compare against: the initial policy over the bandit's arms
+    (for objectives regularised towards a reference, whose optimum is pi_ref * exp(r / beta))."""
+    if isinstance(eval_data.task, pdata.Bandit) and uses_reference:
         eval_data.ref_bandit_logprobs = evaluation.bandit_policy(
             model, model.params, eval_data.task, eval_data.tokenizer
         )
@@ -322,10 +321,10 @@ def _reference_params(setup, config):
     return setup.frozen if config.algorithm.reference in ("copy", "lora_base") else None
 
 
-def task_metrics(evaluation, setup, params, eval_data: EvalData, config, key=None) -> dict:
+def task_metrics(setup, params, eval_data: EvalData, config, key=None) -> dict:
     """Ground-truth metrics of the built-in tasks for the policy ``params`` (``eval/`` names)."""
     task = eval_data.task
-    if task is None or config.algorithm.name == "reward" or not config.eval.generate:
+    if task is None or setup.model.head != "lm" or not config.eval.generate:
         return {}
     model, tokenizer = setup.model, eval_data.tokenizer
     base, lora = _policy_and_lora(setup, params)
@@ -351,7 +350,7 @@ def task_metrics(evaluation, setup, params, eval_data: EvalData, config, key=Non
             "eval/bandit/optimal_objective": m["bandit/optimal_objective"],
         }
     if eval_data.prompts is not None:
-        out.update(_gold(evaluation, model, base, lora, task, tokenizer, eval_data, config))
+        out.update(_gold(model, base, lora, task, tokenizer, eval_data, config))
     key = jax.random.key(config.seed) if key is None else key
     if eval_data.sample_prompts is not None:
         sampled = evaluation.gold_reward_of_generations(
@@ -384,7 +383,7 @@ def task_metrics(evaluation, setup, params, eval_data: EvalData, config, key=Non
     return out
 
 
-def _gold(evaluation, model, base, lora, task, tokenizer, eval_data, config) -> dict:
+def _gold(model, base, lora, task, tokenizer, eval_data, config) -> dict:
     """Gold reward of greedy responses to held-out (and train) prompts, one decode for both."""
     batch = eval_data.prompts
     tokens, mask = evaluation.generate(

@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from prefjax.train import faults
 
@@ -317,8 +318,6 @@ class Progress:
     def __init__(self, total: int, initial: int, *, enabled: bool, desc: str = "train"):
         self._bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(
                 total=total,
                 initial=initial,

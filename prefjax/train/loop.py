@@ -31,6 +31,7 @@ uninterrupted run's). A run that fails before its first step removes the workdir
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +42,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 
 from prefjax import models, sharding
@@ -135,29 +135,49 @@ def evaluate(setup, params, eval_data: inputs.EvalData, config) -> dict[str, flo
         out = setup.eval_step(params, setup.shard_batch(batch), setup.frozen)
         sums = evaluation.merge_metric_sums(sums, out)
     metrics = {f"eval/{k}": v for k, v in sorted(evaluation.finalize_metrics(sums).items())}
-    metrics.update(inputs.task_metrics(evaluation, setup, params, eval_data, config))
+    metrics.update(inputs.task_metrics(setup, params, eval_data, config))
     return metrics
 
 
-def _sft_warmup_config(config) -> ml_collections.ConfigDict:
-    """The SFT stage run before DPO when ``config.sft_warmup.num_steps > 0`` (same model/data)."""
-    warm = ml_collections.ConfigDict(config.to_dict())
-    del warm["sft_warmup"]
-    warm.algorithm.name = "sft"
-    warm.algorithm.loss = "sft"
-    warm.algorithm.reference = "none"
-    warm.optimizer.learning_rate = config.sft_warmup.learning_rate
-    warm.train.num_steps = config.sft_warmup.num_steps
-    warm.optimizer.warmup_steps = min(config.optimizer.warmup_steps, warm.train.num_steps)
-    warm.train.eval_every = 0
-    warm.export.hf = False
-    warm.logging.plot = False
-    warm.checkpoint.every = 0
-    return warm
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What a pipeline's ``init_params`` hook is given (see :func:`run`): the run's model and
+    tokenizer (shared by the stages, with their compiled code) and its open workdir."""
+
+    model: Any
+    tokenizer: Any
+    workdir: run_dir.Workdir
 
 
-def _initial_params(config, model, tokenizer, workdir: str, is_main: bool, parent):
-    """Policy params before training: init_from checkpoint, SFT warm-up, or the model's own."""
+class StagePreempted(Exception):
+    """A stage run by :func:`run_stage` was preempted; the enclosing run stops as preempted."""
+
+    def __init__(self, result: RunResult):
+        super().__init__("preempted during a stage")
+        self.result = result
+
+
+def run_stage(config, workdir: str, algorithm, *, parent: Stage, name: str) -> RunResult:
+    """Runs ``algorithm`` as a stage inside an enclosing run (e.g. the SFT warm-up before DPO,
+    composed in ``experiments/pipelines.py``): same model and compiled code, its own workdir
+    (normally under the parent's) with its own identity, no end-of-run report. Raises
+    :class:`StagePreempted` unless the stage finished."""
+    result = run(
+        config,
+        workdir,
+        algorithm,
+        _stage=name,
+        _model=(parent.model, parent.tokenizer),
+        _parent=parent.workdir,
+    )
+    if result.status != "finished":
+        raise StagePreempted(result)
+    return result
+
+
+def _initial_params(config, model, tokenizer, wd, init_params):
+    """Policy params before training: ``init_from`` checkpoint, a pipeline's ``init_params``
+    hook, or ``None`` (the model's own)."""
     if config.model.init_from:
         params = checkpointing.restore_params(config.model.init_from)
         expected = jax.tree.structure(model.params)
@@ -167,32 +187,9 @@ def _initial_params(config, model, tokenizer, workdir: str, is_main: bool, paren
                 f"the model built from config.model (was it a LoRA or reward-model run?)"
             )
         return params
-    warm_steps = config.get("sft_warmup", {}).get("num_steps", 0) if "sft_warmup" in config else 0
-    if warm_steps:
-        from prefjax.train import sft
-
-        warm_config = _sft_warmup_config(config)
-        warm_dir = os.path.join(workdir, "sft_warmup")
-        if is_main:
-            print(f"SFT warm-up: {warm_steps} steps in {warm_dir}", flush=True)
-        result = run(
-            warm_config,
-            warm_dir,
-            sft,
-            _stage="sft warm-up",
-            _model=(model, tokenizer),
-            _parent=parent,
-        )
-        if result.status != "finished":
-            raise _Preempted(result)
-        return jax.device_get(result.setup.policy_params(result.state.params, result.setup.frozen))
+    if init_params is not None:
+        return init_params(Stage(model, tokenizer, wd))
     return None
-
-
-class _Preempted(Exception):
-    def __init__(self, result):
-        super().__init__("preempted during the warm-up stage")
-        self.result = result
 
 
 def run(
@@ -202,6 +199,7 @@ def run(
     *,
     stop_after_steps: int | None = None,
     step_hook: Callable[[int, Any, dict], None] | None = None,
+    init_params: Callable[[Stage], Any] | None = None,
     _stage: str = "",
     _model=None,
     _parent=None,
@@ -215,6 +213,9 @@ def run(
       stop_after_steps: stop as on SIGTERM (checkpoint, status "preempted") after this many steps
         of this invocation; for time-sliced jobs and tests.
       step_hook: called as ``hook(step, state, metrics)`` after every step (host metrics).
+      init_params: a pipeline's hook ``init_params(stage) -> params | None`` giving the initial
+        policy params on a run that does not resume (e.g. an SFT warm-up run as a stage with
+        :func:`run_stage`); the loop itself runs exactly one algorithm.
 
     Returns:
       A :class:`RunResult`.
@@ -226,7 +227,7 @@ def run(
       NonFiniteError: ``train.nonfinite="stop"`` and a step was non-finite (after checkpointing).
     """
     train_config.validate(config, jax.device_count(), algorithm=algorithm)
-    derived = train_config.derived(config, jax.device_count(), workdir)
+    derived = train_config.derived(config, jax.device_count(), workdir, algorithm=algorithm)
     workdir = derived.workdir
     is_main = jax.process_index() == 0
     config_json = _config_json(config)
@@ -240,12 +241,15 @@ def run(
         parent=_parent,
     ).open()
     try:
-        return _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _model)
+        return _run(
+            config, wd, derived, algorithm, stop_after_steps, step_hook, init_params, _stage, _model
+        )
     except BaseException:
         if wd.discard() and is_main:
             print(
                 f"{'[' + _stage + '] ' if _stage else ''}the run failed before its first step; "
-                f"removed the workdir it had created ({wd.path}).",
+                f"removed what it had written ({wd.path} "
+                f"{'removed' if wd.created else 'left empty, as it was'}).",
                 flush=True,
             )
         raise
@@ -253,7 +257,7 @@ def run(
         wd.release()
 
 
-def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _model):
+def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_params, _stage, _model):
     workdir = wd.path
     is_main = jax.process_index() == 0
     tag = f"[{_stage}] " if _stage else ""
@@ -273,13 +277,13 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _m
     else:
         model, tokenizer = inputs.build_model(config, model_key, head=derived.head)
     try:
-        params = _initial_params(config, model, tokenizer, workdir, is_main, wd)
-    except _Preempted as p:
+        params = _initial_params(config, model, tokenizer, wd, init_params)
+    except StagePreempted as p:
         return p.result._replace(workdir=workdir)
     if params is not None:
         model = inputs.with_params(model, params)
 
-    data = inputs.build_data(config, tokenizer, derived.batch_kind)
+    data = inputs.build_data(config, tokenizer, derived.batch_kind, generate=derived.head == "lm")
     if is_main:
         print(f"{tag}data: {data.description}", flush=True)
     # Same config, other data (a file edited in place) is refused like a changed config.
@@ -291,7 +295,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, _stage, _m
             print(f"{tag}reference log-probs precomputed in {time.time() - t0:.1f}s", flush=True)
 
     setup = algorithm.setup(config, model, mesh, setup_key)
-    inputs.prepare_task_eval(setup, model, data.eval, config)
+    inputs.prepare_task_eval(setup, model, data.eval, config, uses_reference=derived.uses_reference)
     train_iter = data.train_iterator()
     ckpt = None
     if config.checkpoint.enabled:

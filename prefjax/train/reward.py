@@ -16,6 +16,7 @@ plus norms and ``train/skipped``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,15 +24,33 @@ import jax
 import jax.numpy as jnp
 
 from prefjax import losses
-from prefjax.train import common
+from prefjax.train import common, loop
 from prefjax.train import setup as train_setup
 from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
 
 REWARD_LOSSES = ("bradley_terry", "plackett_luce")
 
 
+# The Algorithm protocol (see prefjax.train): what the loop asks of this module.
+NAME = "reward"
+HEAD = "reward"
+
+
+def batch_kind(config: Any) -> str:
+    """Pairs for Bradley-Terry, rankings for Plackett-Luce."""
+    return "listwise" if config.algorithm.loss == "plackett_luce" else "pairwise"
+
+
+def uses_reference(config: Any) -> bool:
+    return False
+
+
 def validate_config(config: Any) -> None:
     """Start-up checks of the reward-model fields."""
+    if config.export.hf:
+        raise ValueError(
+            "config.export.hf=True: only policies (sft, dpo) export to a Hugging Face LM folder."
+        )
     loss = get(config, "algorithm.loss", "bradley_terry")
     if loss not in REWARD_LOSSES:
         raise ValueError(f"config.algorithm.loss={loss!r}: expected one of {REWARD_LOSSES}.")
@@ -182,7 +201,6 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     """Sharded state for a reward model (``head="reward"``) and its jitted steps."""
-    validate_config(config)
     return train_setup.build_setup(
         config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=False
     )
@@ -190,8 +208,4 @@ def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
 
 def run(config: Any, workdir: str) -> Any:
     """Trains with ``config`` and writes checkpoints/metrics to ``workdir`` (the generic loop)."""
-    import sys
-
-    from prefjax.train import loop
-
     return loop.run(config, workdir, sys.modules[__name__])

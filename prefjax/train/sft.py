@@ -13,15 +13,44 @@ tokens in the batch), ``logps/sequence`` (mean summed log-prob of a response),
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from prefjax.train import common
+from prefjax.train import common, loop
 from prefjax.train import setup as train_setup
 from prefjax.train.common import Batch, Metrics, Setup, safe_div
+
+# The Algorithm protocol (see prefjax.train): what the loop asks of this module.
+NAME = "sft"
+HEAD = "lm"
+
+
+def batch_kind(config: Any) -> str:
+    """SFT reads ``prompt, completion`` batches."""
+    return "sft"
+
+
+def uses_reference(config: Any) -> bool:
+    return False
+
+
+def validate_config(config: Any) -> None:
+    """Start-up checks of the SFT fields, each error naming the field."""
+    if config.algorithm.loss != "sft":
+        raise ValueError(f"config.algorithm.loss={config.algorithm.loss!r}: SFT's loss is 'sft'.")
+    if config.algorithm.reference not in ("none", ""):
+        raise ValueError(
+            f"config.algorithm.reference={config.algorithm.reference!r}: SFT uses no reference "
+            "('none')."
+        )
+    if config.data.task == "bandit":
+        raise ValueError(
+            "config.data.task='bandit': the bandit has no responses to imitate; use 'sequence'."
+        )
 
 
 def _fields(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -116,11 +145,6 @@ def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metri
 
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
     """Sharded state (full params, or LoRA adapters over a frozen base) and jitted steps."""
-    reference = common.get(config, "algorithm.reference", "none")
-    if reference not in ("none", ""):
-        raise ValueError(
-            f"config.algorithm.reference={reference!r}: SFT uses no reference ('none')."
-        )
     return train_setup.build_setup(
         config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=False
     )
@@ -128,8 +152,4 @@ def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
 
 def run(config: Any, workdir: str) -> Any:
     """Trains with ``config`` and writes checkpoints/metrics to ``workdir`` (the generic loop)."""
-    import sys
-
-    from prefjax.train import loop
-
     return loop.run(config, workdir, sys.modules[__name__])

@@ -117,7 +117,7 @@ def test_invalid_mesh_names_the_field(tmp_path):
     "field, value, message",
     [
         ("mesh.tensor", 0, r"config\.mesh\.tensor=0: mesh sizes must be positive"),
-        ("algorithm.loss", "dpoo", r"config\.algorithm\.loss='dpoo': must be one of"),
+        ("algorithm.loss", "dpoo", r"config\.algorithm\.loss='dpoo': expected one of"),
         ("algorithm.reference", "lora_base", r"config\.algorithm\.reference='lora_base'"),
         ("data.max_prompt_len", 40, r"config\.data\.max_prompt_len=40: must be < data\.max_len"),
         ("optimizer.grad_accum_steps", 3, r"config\.optimizer\.grad_accum_steps=3: must divide"),

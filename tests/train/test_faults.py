@@ -110,6 +110,10 @@ TIMED_SPAN = 1.6
 SEED = 20_251_202
 # (variant, trial id); the id seeds the trial, so a failure reproduces with -k <id>.
 TRIALS = [("dpo", i) for i in range(4)] + [("warmup", i) for i in range(4, 8)]
+# The children share compiled code and the references through module-scoped fixtures, and the
+# coverage count is the module's: under pytest-xdist the whole module runs on one worker
+# (``--dist loadgroup`` in setup.cfg).
+pytestmark = pytest.mark.xdist_group("faults")
 
 # Filled by the trials, checked by test_kill_point_coverage (the last test of the module).
 TALLY: collections.Counter = collections.Counter()

@@ -157,6 +157,9 @@ class PoisonedDPO:
         self.bad_step = bad_step
         self.params_around_bad_step = None
 
+    def __getattr__(self, name):  # the rest of the Algorithm protocol is dpo's
+        return getattr(dpo, name)
+
     def setup(self, config, model, mesh, key):
         setup = dpo.setup(config, model, mesh, key)
         step = setup.train_step
