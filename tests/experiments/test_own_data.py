@@ -13,16 +13,12 @@ Each run must show that it read the file: the data line it prints counts every r
 in ``metrics.jsonl`` are finite. DPO's first step (policy = reference) logs an accuracy of 0.5.
 """
 
-import importlib
 import json
 import math
 import os
 import re
-import sys
 
-import jax
 import pytest
-from absl import flags
 
 # Prompts "c*n=" ask for n copies of c (the sequence task's format), 12 distinct ones; each has a
 # correct response and two wrong ones, so every file below is small, valid and duplicate-free.
@@ -156,28 +152,8 @@ DATA_LINE = re.compile(
 )
 
 
-@pytest.fixture(autouse=True)
-def _compilation_cache(tmp_path_factory):
-    # As tests/experiments/test_launchers.py: one on-disk XLA cache for the session's launches.
-    old_dir, old_argv = jax.config.jax_compilation_cache_dir, list(sys.argv)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "xla_cache")
-    yield
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR")
-    jax.config.update("jax_compilation_cache_dir", old_dir)
-    sys.argv = old_argv
-
-
-def launch(module_name, argv):
-    """A launcher's ``main`` with fresh flags (as ``test_launchers.launch``)."""
-    sys.argv = ["prog", *argv]
-    stale = [n for n in flags.FLAGS if n in ("config", "workdir") or n.startswith("config.")]
-    flags.FLAGS.remove_flag_values(stale)
-    flags.FLAGS.unparse_flags()
-    if module_name in sys.modules:
-        module = importlib.reload(sys.modules[module_name])  # defines --config / --workdir again
-    else:
-        module = importlib.import_module(module_name)
-    return module.main(flags.FLAGS(sys.argv))
+# One on-disk XLA cache for the session's launches, and a launcher's ``main`` with fresh flags.
+from tests.experiments.test_launchers import _compilation_cache, launch  # noqa: E402, F401
 
 
 def write(path, suffix, rows):

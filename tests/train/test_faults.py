@@ -33,8 +33,9 @@ atomic replace (between the fsynced ``run.json.tmp`` and ``os.replace``) of a ru
 claim. :func:`test_kill_point_coverage` (last) prints and checks the totals.
 
 The suite runs 4 of the trials (2 per variant; ``PREFJAX_FAULT_TRIALS=8`` runs all 8) to fit CI's
-time: 11 kill points (6 named, 5 timed) in its last run. Measured with all 8 on 2 shared CPU cores at load average 5-6 (other jobs running): 8 trials (4 ``dpo``, 4
-``warmup``), 23 kill points: 14 named (step 3, metrics 5, checkpoint 4, committed 2; 6 of them in
+time: 11 kill points (6 named, 5 timed) in its last run. Measured with all 8 on 2 shared CPU
+cores at load average 5-6 (other jobs running): 8 trials (4 ``dpo``, 4 ``warmup``),
+23 kill points: 14 named (step 3, metrics 5, checkpoint 4, committed 2; 6 of them in
 the warm-up stage) and 9 timed (4 in start-up, 1 in setup, 3 in DPO training and checkpoints, 1
 in warm-up training; none after the finish), 12 of all kills with a checkpoint write in flight;
 plus the 2 ``run.json`` replace kills. Wall time 15.5 min (9.2 CPU-min): an invocation costs

@@ -8,7 +8,6 @@ step-0 evaluation) and checks that it is now refused, or recorded, without touch
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -17,18 +16,13 @@ from prefjax.data import RepeatTask, write_jsonl
 from prefjax.train import dpo, loop, reward
 from prefjax.train import logging as metric_logging
 from prefjax.train import workdir as run_dir
-from tests.train.test_loop import NUM_STEPS, host, records, tiny_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    old_dir = jax.config.jax_compilation_cache_dir
-    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+from tests.train.test_loop import (  # noqa: F401  (the module's compilation-cache fixture)
+    NUM_STEPS,
+    _compilation_cache,
+    host,
+    records,
+    tiny_config,
+)
 
 
 def snapshot(root) -> dict:
