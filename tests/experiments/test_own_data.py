@@ -212,10 +212,10 @@ def check_dpo_starts_at_ties(train, evals):
 
 
 PAIRWISE_IDS = sorted(PAIRWISE)
-# DPO's default (SFT warm-up on the file, then DPO) trains on every layout end to end; SFT and
-# the reward model, which read the same normalised rows (every layout x launcher pair is checked
-# without training by test_every_pairwise_layout_becomes_the_data_each_launcher_reads), train on
-# layouts that differ in how the prompt is found: no prompt_id, HH conversations, message lists.
+# Every layout x launcher pair builds and checks its data without training
+# (test_every_pairwise_layout_becomes_the_data_each_launcher_reads); end to end, each launcher
+# trains on layouts that differ in how the prompt is found (no prompt_id, HH conversations,
+# Parquet message lists), DPO's default (SFT warm-up on the file, then DPO) on a JSON array too.
 TRAINED_LAYOUTS = ["anthropic_hh", "explicit_no_prompt_id", "ultrafeedback_parquet"]
 
 
@@ -271,7 +271,7 @@ def test_sft_on_a_feedback_file_imitates_what_it_prefers(layout, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", PAIRWISE_IDS)
+@pytest.mark.parametrize("layout", TRAINED_LAYOUTS + ["json_array"])
 def test_pairwise_file_trains_dpo_with_its_sft_warmup(layout, tmp_path, capsys):
     suffix, rows = PAIRWISE[layout]
     lines, records, workdir = train_on(

@@ -32,8 +32,8 @@ stage). :func:`test_kill_inside_run_json_replace` kills deterministically inside
 atomic replace (between the fsynced ``run.json.tmp`` and ``os.replace``) of a run's very first
 claim. :func:`test_kill_point_coverage` (last) prints and checks the totals.
 
-The suite runs 4 of the trials (2 per variant; ``PREFJAX_FAULT_TRIALS=8`` runs all 8) to fit CI's
-time: 11 kill points (6 named, 5 timed) in its last run. Measured with all 8 on 2 shared CPU
+The suite runs 2 of the trials (one per variant; ``PREFJAX_FAULT_TRIALS=8`` runs all 8) to fit
+CI's time, plus the two ``run.json`` replace kills. Measured with all 8 on 2 shared CPU
 cores at load average 5-6 (other jobs running): 8 trials (4 ``dpo``, 4 ``warmup``),
 23 kill points: 14 named (step 3, metrics 5, checkpoint 4, committed 2; 6 of them in
 the warm-up stage) and 9 timed (4 in start-up, 1 in setup, 3 in DPO training and checkpoints, 1
@@ -111,9 +111,9 @@ CHILD_TIMEOUT_S = 300  # one invocation; a hang fails the test instead of blocki
 TIMED_SPAN = 1.6
 SEED = 20_251_202
 # (variant, trial id); the id seeds the trial, so a failure reproduces with -k <id>.
-# The suite runs 4 trials (2 per variant) to stay inside CI's time; PREFJAX_FAULT_TRIALS=8 runs
-# the 8 measured in the module docstring.
-_NUM_TRIALS = int(os.environ.get("PREFJAX_FAULT_TRIALS", "4"))
+# The suite runs 2 trials (one per variant) to stay inside CI's time; PREFJAX_FAULT_TRIALS=8
+# runs the 8 measured in the module docstring.
+_NUM_TRIALS = int(os.environ.get("PREFJAX_FAULT_TRIALS", "2"))
 TRIALS = [("dpo", i) for i in range(4)][: _NUM_TRIALS // 2] + [("warmup", i) for i in range(4, 8)][
     : _NUM_TRIALS - _NUM_TRIALS // 2
 ]
@@ -631,3 +631,5 @@ def test_kill_point_coverage():
     assert named + timed >= 2 * len(TRIALS_RUN), summary  # each trial kills at least twice
     if len(TRIALS_RUN) == len(TRIALS) >= 4:
         assert named >= 4 and timed >= 2, summary
+    if len(TRIALS_RUN) == len(TRIALS) >= 2:
+        assert named >= 1 and timed + named >= 4, summary
