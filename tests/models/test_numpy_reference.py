@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import prefjax.models as pm
+from tests.models.test_transformer import GPT2_TINY
 
 # float32 model against a float64 reference; logits are O(1) (see ``test_reference_is_not_flat``).
 ATOL = 1e-5
@@ -39,18 +40,7 @@ CONFIGS = {
     "llama": dict(rope_theta=1000.0),
     # GPT-2 family: LayerNorm, learned positions, plain MLP with tanh-GELU, biases everywhere,
     # multi-head attention, LM head tied to the embedding.
-    "gpt2": dict(
-        norm="layer",
-        position="learned",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        gated_mlp=False,
-        activation="gelu_tanh",
-        tie_embeddings=True,
-        num_kv_heads=4,
-        model_type="gpt2",
-    ),
+    "gpt2": dict(GPT2_TINY),
     # Qwen2-like multi-query attention with q/k/v biases, head_dim != hidden / heads, a gated MLP
     # with the exact GELU, tied embeddings.
     "mqa": dict(
