@@ -1,9 +1,10 @@
 r"""Speed and memory of the jitted DPO train step: tokens/s, step time, MFU, peak memory.
 
-Times ``prefjax.train.dpo.setup(...).train_step`` -- the exact step the launchers run (one
-forward over chosen+rejected concatenated, frozen-copy or precomputed reference, AdamW, global-norm
-clipping) -- on random tokens of a fixed shape: ``batch_pairs`` pairs of ``seq_len`` tokens, the
-last ``seq_len - prompt_len`` of each being the response. The step time is the median over
+Times ``prefjax.train.setup.build_setup(..., dpo).train_step`` -- the exact step the launchers run
+(one forward over the ``[batch, 2, seq]`` pairs flattened to ``[2 * batch, seq]``, frozen-copy or
+precomputed reference, AdamW, global-norm clipping) -- on random tokens of a fixed shape:
+``batch_pairs`` pairs of ``seq_len`` tokens, the last ``seq_len - prompt_len`` of each being the
+response. The step time is the median over
 ``--steps`` timed steps after two untimed (compiling) steps.
 
 MFU = ``k * N * tokens / step_time / peak`` with ``N`` the matmul parameters (all but the input
@@ -93,17 +94,16 @@ def peak_memory_gb(jax) -> tuple[float, str]:
 def make_batch(np, vocab: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     b, t, p = FLAGS.batch_pairs, FLAGS.seq_len, FLAGS.prompt_len
-    shape = (b, t)
+    shape = (b, 2, t)  # pairs: [batch, (chosen, rejected), seq]
     loss_mask = np.zeros(shape, np.int32)
-    loss_mask[:, p:] = 1
-    batch = {}
-    prompt = rng.integers(3, vocab, (b, p), dtype=np.int32)
-    for side in ("chosen", "rejected"):
-        response = rng.integers(3, vocab, (b, t - p), dtype=np.int32)
-        batch[f"{side}_input_ids"] = np.concatenate([prompt, response], 1)
-        batch[f"{side}_attention_mask"] = np.ones(shape, np.int32)
-        batch[f"{side}_loss_mask"] = loss_mask
-    return batch
+    loss_mask[..., p:] = 1
+    prompt = np.repeat(rng.integers(3, vocab, (b, 1, p), dtype=np.int32), 2, axis=1)
+    response = rng.integers(3, vocab, (b, 2, t - p), dtype=np.int32)
+    return {
+        "input_ids": np.concatenate([prompt, response], 2),
+        "attention_mask": np.ones(shape, np.int32),
+        "loss_mask": loss_mask,
+    }
 
 
 def shape_overrides() -> dict:
@@ -122,6 +122,7 @@ def time_prefjax() -> dict:
     from prefjax import models
     from prefjax import sharding as shd
     from prefjax.train import dpo
+    from prefjax.train import setup as train_setup
 
     overrides = {"dtype": jnp.dtype(FLAGS.dtype), "param_dtype": jnp.float32, "remat": FLAGS.remat}
     overrides["attention_impl"] = FLAGS.attention or None
@@ -145,7 +146,7 @@ def time_prefjax() -> dict:
                 model, model.params, [batch], mesh=mesh, chunk_size=FLAGS.chunked_logps
             )
         )
-    setup = dpo.setup(config, model, mesh, jax.random.key(1))
+    setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), dpo)
     n_params = models.param_count(model.params)
     # All but the input embedding (a tied embedding still does the output matmul).
     n_matmul = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)

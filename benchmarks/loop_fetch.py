@@ -40,10 +40,13 @@ def main(argv):
 
     from prefjax import data, models, sharding
     from prefjax.train import common, dpo
+    from prefjax.train import setup as train_setup
 
     config = FLAGS.config
     model = common.build_model(config, key=jax.random.key(0))
-    setup = dpo.setup(config, model, sharding.single_device_mesh(), jax.random.key(1))
+    setup = train_setup.build_setup(
+        config, model, sharding.single_device_mesh(), jax.random.key(1), dpo
+    )
     dataset = data.RepeatTask().pairwise_dataset(models.ByteTokenizer(), 2048, seed=0)
     batches = data.BatchIterator(
         dataset, config.data.batch_size, seed=0, process_index=0, process_count=1

@@ -22,9 +22,7 @@ def sft_warmup_config(config) -> ml_collections.ConfigDict:
     """The SFT stage run before DPO when ``config.sft_warmup.num_steps > 0`` (same model/data)."""
     warm = ml_collections.ConfigDict(config.to_dict())
     del warm["sft_warmup"]
-    warm.algorithm.name = "sft"
-    warm.algorithm.loss = "sft"
-    warm.algorithm.reference = "none"
+    warm.algorithm = sft.default_config()  # SFT's own block: no beta, no reference
     warm.optimizer.learning_rate = config.sft_warmup.learning_rate
     warm.train.num_steps = config.sft_warmup.num_steps
     warm.optimizer.warmup_steps = min(config.optimizer.warmup_steps, warm.train.num_steps)

@@ -48,6 +48,7 @@ from prefjax.data.tasks import Bandit
 from prefjax.models import ByteTokenizer
 from prefjax.train import common, evaluation
 from prefjax.train import dpo as dpo_train
+from prefjax.train import setup as train_setup
 
 bandit = Bandit.make(num_arms=6, num_prompts=1, seed=1, ref_scale=0.7)
 beta = 0.5
@@ -280,7 +281,9 @@ model = common.build_model(config, key=jax.random.key(0))
 model_ref = evaluation.bandit_policy(model, model.params, bandit, tokenizer)  # [1, K] log-probs
 model_bandit = bandit.with_reference(model_ref)
 dataset = model_bandit.pairwise_dataset(tokenizer, 4000, seed=0)
-run = dpo_train.setup(config, model, sharding.single_device_mesh(), jax.random.key(1))
+run = train_setup.build_setup(
+    config, model, sharding.single_device_mesh(), jax.random.key(1), dpo_train
+)
 batches = BatchIterator(dataset, 64, seed=0, process_index=0, process_count=1)
 
 state, history = run.state, []

@@ -1,7 +1,9 @@
 """The fields shared by every training config, with their comments and the presets.
 
-Each ``experiments/configs/<algo>.py`` starts from :func:`base_config`, sets its algorithm block and
-presets, and returns the ``ConfigDict``. Every field has a comment with its unit. Validation and
+Each ``experiments/configs/<algo>.py`` starts from :func:`base_config`, sets its algorithm block's
+values and presets, and returns the ``ConfigDict``. Every field has a comment with its unit; the
+``config.algorithm`` block is defined once, by the algorithm (``default_config()`` in
+``prefjax/train/<algo>.py``), so an SFT config has no beta. Validation and
 derived values live in the library (:mod:`prefjax.train.config`) so that a run started from Python
 is checked exactly as one started here; :func:`validate` adds the algorithm's own checks, looked
 up by ``config.algorithm.name``.
@@ -124,30 +126,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Seed of task generation and of the shuffling order of batches.
     data.seed = 0
 
-    config.algorithm = algo = ml_collections.ConfigDict()
-    # Which train step: "sft" | "reward" | "dpo" (set by each config file, not meant to be changed).
-    algo.name = algorithm
-    # Objective; see the config file of each algorithm for the values it accepts.
-    algo.loss = {"sft": "sft", "reward": "bradley_terry", "dpo": "sigmoid"}[algorithm]
-    # KL-regularisation strength beta of the DPO family (nats^-1 scale of implicit rewards).
-    algo.beta = 0.1
-    # Conservative-DPO / robust-DPO label-flip probability epsilon in [0, 0.5).
-    algo.label_smoothing = 0.0
-    # SimPO target reward margin gamma (in reward units).
-    algo.gamma = 0.5
-    # Reward model: subtract the example's `margin` column inside the Bradley-Terry sigmoid.
-    algo.margin = False
-    # KTO weights of desirable / undesirable examples.
-    algo.desirable_weight = 1.0
-    algo.undesirable_weight = 1.0
-    # Reference policy: "copy" (frozen copy) | "lora_base" (adapters off) | "precomputed" (one pass
-    # before training stores reference log-probs beside the data) | "none" (ORPO, SimPO, SFT, RM).
-    algo.reference = "copy" if algorithm == "dpo" else "none"
-    # ORPO: weight of the NLL term on the chosen response.
-    algo.sft_weight = 1.0
-    # DPO-family pairwise losses: + rpo_alpha * (token-averaged NLL of the chosen response), the
-    # RPO regulariser (Pang et al., 2024) that keeps the chosen likelihood from falling. 0 = off.
-    algo.rpo_alpha = 0.0
+    # The algorithm's own block (name, loss and its hyperparameters), defined with the algorithm:
+    # see default_config() in prefjax/train/<algorithm>.py for each field's comment.
+    config.algorithm = ALGORITHM_MODULES[algorithm].default_config()
 
     config.optimizer = opt = ml_collections.ConfigDict()
     # "adamw" | "adam" | "lion" | "sgd".
@@ -198,7 +179,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Held-out batches per evaluation (0 = the whole eval split).
     ev.num_batches = 0
     # Built-in tasks: decode greedy responses to held-out prompts and score them (gold reward).
-    ev.generate = algorithm != "reward"
+    ev.generate = ALGORITHM_MODULES[algorithm].HEAD == "lm"
     # Prompts decoded per evaluation.
     ev.num_prompts = 64
     # Responses sampled (temperature 1) over the held-out prompts per evaluation: their mean gold

@@ -55,11 +55,8 @@ from experiments.configs import common
 def get_config(arg=None):
     preset = common.parse_arg(arg, ("tiny", "gpt2", "llama1b"))
     config = common.base_config("dpo")
-    # A key of prefjax.losses.PAIRWISE_LOSSES ("sigmoid" is DPO), or "listwise" | "kto" | "orpo"
-    # | "simpo" (these two need algorithm.reference="none").
-    config.algorithm.loss = "sigmoid"
+    # The fields of config.algorithm and their defaults: prefjax.train.dpo.default_config().
     config.algorithm.beta = 0.5
-    config.algorithm.reference = "copy"
     # RPO: + 1.0 x the chosen response's per-token NLL (see the module docstring for why).
     config.algorithm.rpo_alpha = 1.0
     config.optimizer.learning_rate = 3e-4

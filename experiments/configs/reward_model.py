@@ -24,7 +24,6 @@ def get_config(arg=None):
     preset = common.parse_arg(arg, ("tiny", "gpt2", "llama1b"))
     config = common.base_config("reward")
     config.workdir_default = "runs/reward_tiny"
-    config.algorithm.loss = "bradley_terry"
     config.optimizer.learning_rate = 1e-3
     config.train.num_steps = 300
     config.train.eval_every = 100

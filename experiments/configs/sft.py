@@ -25,8 +25,6 @@ from experiments.configs import common
 def get_config(arg=None):
     preset = common.parse_arg(arg, ("tiny", "gpt2", "llama1b"))
     config = common.base_config("sft")
-    # Next-token cross-entropy on response tokens (prompt tokens are masked).
-    config.algorithm.loss = "sft"
     config.optimizer.learning_rate = 3e-3
     config.train.num_steps = 300
     config.train.eval_every = 100

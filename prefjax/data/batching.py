@@ -95,8 +95,8 @@ def collate(
 
     Layouts (all ``int32`` unless noted; ``loss_mask`` marks response tokens including EOS):
 
-    * pairwise: ``chosen_input_ids, chosen_attention_mask, chosen_loss_mask`` and the same for
-      ``rejected_``, each ``[batch, seq]``; chosen and rejected share ``seq``.
+    * pairwise: ``input_ids, attention_mask, loss_mask`` ``[batch, 2, seq]``, index 0 the chosen
+      response and 1 the rejected one (a ranking of two); the step reads them as they are.
     * sft / unpaired: ``input_ids, attention_mask, loss_mask`` ``[batch, seq]`` (+ ``label``).
     * listwise: ``input_ids, attention_mask, loss_mask`` ``[batch, k, seq]`` best first, and
       ``response_mask [batch, k]``.
@@ -117,23 +117,31 @@ def collate(
     prompts = [c["prompt_ids"][j] if ok else None for j, ok in zip(safe, real, strict=True)]
     batch: dict[str, np.ndarray] = {}
 
-    def one(prefix, response_col):
+    def responses(groups, k):
+        # k (prompt, response) sequences per example, None for an empty slot or a padding row:
+        # [batch * k, seq] -> [batch, k, seq].
         seqs = [
-            None if p is None else (p, c[response_col][j])
+            None if p is None or y is None else (p, y)
+            for p, ys in zip(prompts, groups, strict=True)
+            for y in ys
+        ]
+        ids, attn, loss = _pack(seqs, True, seq_len, pad, pad_side)
+        for name, x in (("input_ids", ids), ("attention_mask", attn), ("loss_mask", loss)):
+            batch[name] = x.reshape(len(idx), k, seq_len)
+        if with_positions:
+            batch["positions"] = positions_from_mask(batch["attention_mask"])
+
+    if ds.kind == "pairwise":
+        responses([(c["chosen_ids"][j], c["rejected_ids"][j]) for j in safe], 2)
+    elif ds.kind in ("sft", "unpaired"):
+        seqs = [
+            None if p is None else (p, c["response_ids"][j])
             for p, j in zip(prompts, safe, strict=True)
         ]
         ids, attn, loss = _pack(seqs, True, seq_len, pad, pad_side)
-        batch[prefix + "input_ids"] = ids
-        batch[prefix + "attention_mask"] = attn
-        batch[prefix + "loss_mask"] = loss
+        batch.update(input_ids=ids, attention_mask=attn, loss_mask=loss)
         if with_positions:
-            batch[prefix + "positions"] = positions_from_mask(attn)
-
-    if ds.kind == "pairwise":
-        one("chosen_", "chosen_ids")
-        one("rejected_", "rejected_ids")
-    elif ds.kind in ("sft", "unpaired"):
-        one("", "response_ids")
+            batch["positions"] = positions_from_mask(attn)
         if ds.kind == "unpaired":
             batch["label"] = np.where(real, c["label"][safe], 0).astype(np.int32)
     elif ds.kind == "prompt":
@@ -145,21 +153,16 @@ def collate(
             batch["prompt_positions"] = positions_from_mask(attn)
     elif ds.kind == "listwise":
         k = num_responses or ds.num_responses()
-        seqs, rmask = [], np.zeros((len(idx), k), np.int32)
+        rmask = np.zeros((len(idx), k), np.int32)
+        groups = []
         for b, (p, j) in enumerate(zip(prompts, safe, strict=True)):
             ys = [] if p is None else list(c["responses_ids"][j])
             if len(ys) > k:
                 raise ValueError(f"example {j} has {len(ys)} responses, batch allows {k}")
             rmask[b, : len(ys)] = 1
-            seqs += [(p, y) for y in ys] + [None] * (k - len(ys))
-        ids, attn, loss = _pack(seqs, True, seq_len, pad, pad_side)
-        # [batch * k, seq] -> [batch, k, seq]
-        batch["input_ids"] = ids.reshape(len(idx), k, seq_len)
-        batch["attention_mask"] = attn.reshape(len(idx), k, seq_len)
-        batch["loss_mask"] = loss.reshape(len(idx), k, seq_len)
+            groups.append(ys + [None] * (k - len(ys)))
+        responses(groups, k)
         batch["response_mask"] = rmask
-        if with_positions:
-            batch["positions"] = positions_from_mask(batch["attention_mask"])
     for name in ds.batch_columns():
         if name == "label" and ds.kind == "unpaired":
             continue

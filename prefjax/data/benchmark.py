@@ -70,7 +70,7 @@ def run(num: int, batch_size: int, tokenizer, workload: str, records, max_len: i
     ds = tokenize(rows, tokenizer, "pairwise", max_len=max_len, max_prompt_len=max_len // 2)
     t2 = time.perf_counter()
     it = BatchIterator(ds, batch_size, seed=0, num_epochs=1, process_index=0, process_count=1)
-    n_batched = sum(b["chosen_input_ids"].shape[0] for b in it)
+    n_batched = sum(b["input_ids"].shape[0] for b in it)
     t3 = time.perf_counter()
     return {
         "workload": workload,

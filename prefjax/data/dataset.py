@@ -114,7 +114,7 @@ class TokenizedDataset:
         """Adds (or replaces) per-example columns, in place; returns ``self`` for chaining.
 
         Numeric columns (any shape ``[num_examples, ...]``) are copied into every batch under
-        their own name, e.g. ``ref_chosen_logps`` / ``ref_rejected_logps`` from a one-off
+        their own name, e.g. ``ref_logps`` (``[N, 2]`` for pairs) from a one-off
         reference pass. Token columns cannot be replaced this way.
         """
         for name, col in arrays.items():

@@ -25,23 +25,33 @@ The ``Algorithm`` protocol
 An algorithm is a module (or any object) with these attributes; :func:`prefjax.train.loop.run`
 asks it for everything it needs and knows no algorithm by name:
 
-========================================  ======================================================
-``NAME``                                  the ``config.algorithm.name`` it trains
-``HEAD``                                  the model head: ``"lm"`` (a policy) or ``"reward"``
-``batch_kind(config) -> str``             the batches it reads: ``"sft"``, ``"pairwise"``,
-                                          ``"listwise"`` or ``"unpaired"`` (prefjax.data kinds)
-``uses_reference(config) -> bool``        whether it reads a frozen reference (or precomputed
-                                          reference log-probs, ``algorithm.reference``)
-``validate_config(config)``               its own fields' start-up checks; raise ``ValueError``
-                                          naming ``config.<field>`` (the shared fields are
-                                          checked by :mod:`prefjax.train.config`)
-``setup(config, model, mesh, key)``       a :class:`prefjax.train.common.Setup`: sharded state,
-                                          frozen pytree, jitted ``train_step(state, batch,
-                                          frozen, key) -> (state, metrics)`` and ``eval_step(
-                                          params, batch, frozen) -> {name: (sum, count)}``;
-                                          :func:`prefjax.train.setup.build_setup` builds it
-                                          from the two step factories
-========================================  ======================================================
+==========================================  ====================================================
+``NAME``                                    the ``config.algorithm.name`` it trains
+``HEAD``                                    the model head: ``"lm"`` (a policy) or ``"reward"``
+``default_config() -> ConfigDict``          its ``config.algorithm`` block: ``name``, ``loss``
+                                            and its own hyperparameters, each with a comment;
+                                            defined here, once (an SFT config has no beta)
+``batch_kind(config) -> str``               the batches it reads: ``"sft"``, ``"pairwise"``
+                                            (``[batch, 2, seq]``), ``"listwise"`` (``[batch,
+                                            K, seq]``) or ``"unpaired"`` (prefjax.data kinds)
+``reference(config) -> str``                ``"none"``, ``"copy"`` (a frozen copy of the
+                                            initial policy), ``"lora_base"`` (adapters off) or
+                                            ``"precomputed"`` (log-probs computed once, beside
+                                            the data)
+``validate_config(config)``                 its own fields' start-up checks (run once per run);
+                                            raise ``ValueError`` naming ``config.<field>`` (the
+                                            shared fields are checked by
+                                            :mod:`prefjax.train.config`)
+``objective(model, config) -> Objective``   :class:`prefjax.train.common.Objective`: the loss
+                                            on one micro-batch with its ``{name: (sum,
+                                            count)}`` stats, the full batch's denominators, the
+                                            one metric finalisation train and eval share, and
+                                            the KL coefficient of the objective (or ``None``)
+``setup(config, model, mesh, key)``         optional: its own :class:`~prefjax.train.common.
+                                            Setup` (extra frozen trees, a wrapped step); without
+                                            it :func:`prefjax.train.setup.build_setup` builds
+                                            the sharded state, frozen tree and jitted steps
+==========================================  ====================================================
 
 Adding an algorithm is one file here plus a config and a launcher in ``experiments/`` (and an
 entry in ``experiments/configs/common.py``'s ``ALGORITHM_MODULES``); the loop, the inputs and

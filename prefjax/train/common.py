@@ -1,18 +1,22 @@
 """Pieces every train step shares: model construction, log-probs of a batch, jitting with shardings.
 
 The per-algorithm files (``sft.py``, ``reward.py``, ``dpo.py``) keep only what differs between
-algorithms: the loss on one micro-batch and its metrics. This module owns
+algorithms: their :class:`Objective` (the loss on one micro-batch, its normalisers and its metric
+finalisation). This module owns
 
 * :func:`build_model` -- a ``prefjax.models.Model`` from ``config.model`` (preset or HF folder);
 * :func:`response_logps` -- summed response log-probs of ``[batch, seq]`` token arrays under the
-  shift convention (logits at ``t`` predict token ``t + 1``), optionally vocabulary-chunked;
-* :func:`make_update` -- gradient accumulation, optimiser update, the non-finite guard and the
-  norms every step logs;
+  shift convention (logits at ``t`` predict token ``t + 1``: ``losses.shift_labels`` then
+  ``losses.sequence_logprobs``), optionally vocabulary-chunked; :func:`flatten_responses` and
+  :func:`unflatten_responses` move between the data's ``[batch, k, seq]`` and one forward pass;
+* :func:`make_update` and :func:`make_eval_step` -- gradient accumulation, optimiser update, the
+  non-finite guard and the norms every step logs; the held-out step;
 * :class:`Setup` and :func:`jit_steps` -- explicit in/out shardings and state donation.
 
-Train metrics are means over the whole (accumulated) batch. Eval metrics travel as
-``(sum, count)`` pairs so that they average exactly over batches and hosts; see
-:func:`prefjax.train.evaluation.finalize_metrics`.
+Metrics travel as :data:`Stats`, ``{name: (sum, count)}``: summed over micro-batches in the train
+step and over batches (and hosts) in evaluation, then turned into means by the objective's one
+``finalize`` (:func:`means` plus the metrics derived from means), so train and eval metrics are
+computed the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +39,12 @@ from prefjax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Metric name -> (sum over the examples seen, their count); added up exactly across micro-batches,
+# batches and hosts before :func:`means` divides.
+Stats = dict[str, tuple[jax.Array, jax.Array]]
+# The token arrays of a batch: ``[batch, seq]``, or ``[batch, k, seq]`` for pairs (k = 2: chosen,
+# rejected) and rankings (best first).
+TOKENS = ("input_ids", "attention_mask", "loss_mask")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -43,22 +54,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # ----------------------------------------------------------------------------------------------
 
 
-def get(config: Any, dotted: str, default: Any = None) -> Any:
-    """``config.a.b`` with a default when a field is missing (configs may predate a field)."""
-    node = config
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        if isinstance(node, Mapping) or hasattr(node, "get"):
-            try:
-                node = node.get(part, None)
-            except (AttributeError, KeyError):
-                node = None
-        else:
-            node = getattr(node, part, None)
-    return default if node is None else node
-
-
 def dtype_from_config(name: str, field: str) -> Any:
     """``"bfloat16"`` -> ``jnp.bfloat16``, with an error naming ``field``."""
     if name not in DTYPES:
@@ -66,24 +61,9 @@ def dtype_from_config(name: str, field: str) -> Any:
     return DTYPES[name]
 
 
-def lora_rank(config: Any) -> int:
-    """``config.model.lora.rank`` (0 = no LoRA)."""
-    return int(get(config, "model.lora.rank", 0) or 0)
-
-
-def logps_chunk_size(config: Any) -> int:
-    """``config.model.logps_chunk_size``: 0 = full logits, else tokens per vocabulary chunk."""
-    size = int(get(config, "model.logps_chunk_size", 0) or 0)
-    if size < 0:
-        raise ValueError(f"config.model.logps_chunk_size={size} must be >= 0 (0 = off).")
-    return size
-
-
-def grad_accum_steps(config: Any) -> int:
-    steps = int(get(config, "optimizer.grad_accum_steps", 1) or 1)
-    if steps < 1:
-        raise ValueError(f"config.optimizer.grad_accum_steps={steps} must be >= 1.")
-    return steps
+def uses_lora(config: Any) -> bool:
+    """Whether the policy trains LoRA adapters (``config.model.lora.rank > 0``)."""
+    return config.model.lora.rank > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,20 +73,13 @@ def grad_accum_steps(config: Any) -> int:
 
 def model_overrides(config: Any) -> dict[str, Any]:
     """TransformerConfig fields set by ``config.model`` (dtype, param_dtype, remat, attention)."""
-    overrides: dict[str, Any] = {}
-    dtype = get(config, "model.dtype", None)
-    if dtype:
-        overrides["dtype"] = dtype_from_config(dtype, "config.model.dtype")
-    param_dtype = get(config, "model.param_dtype", None)
-    if param_dtype:
-        overrides["param_dtype"] = dtype_from_config(param_dtype, "config.model.param_dtype")
-    remat = get(config, "model.remat", None)
-    if remat:
-        overrides["remat"] = remat
-    impl = get(config, "model.attention_impl", None)
-    if impl is not None:
-        overrides["attention_impl"] = impl or None
-    return overrides
+    m = config.model
+    return {
+        "dtype": dtype_from_config(m.dtype, "config.model.dtype"),
+        "param_dtype": dtype_from_config(m.param_dtype, "config.model.param_dtype"),
+        "remat": m.remat,
+        "attention_impl": m.attention_impl or None,
+    }
 
 
 def build_model(
@@ -118,16 +91,16 @@ def build_model(
     (:func:`prefjax.sharding.sharded_init`: no device ever holds the whole unsharded model), and a
     loaded checkpoint is placed with the same shardings.
     """
-    key = jax.random.key(int(get(config, "seed", 0))) if key is None else key
+    key = jax.random.key(config.seed) if key is None else key
     overrides = model_overrides(config)
-    path = get(config, "model.path", "")
-    rules = shd.rules_from_config(get(config, "mesh", {}) or {})
+    path = config.model.path
+    rules = shd.rules_from_config(config.mesh)
     if path:
         model = models.from_pretrained(path, head=head, **overrides)
         if mesh is not None:
             model.params = shd.shard_params(mesh, model.params, model.param_axes, rules)
         return model
-    preset = get(config, "model.preset", "tiny")
+    preset = config.model.preset
     if mesh is None:
         return models.from_preset(preset, key=key, head=head, **overrides)
     model_config = models.preset(preset, **overrides)
@@ -156,10 +129,11 @@ def response_logps(
 ) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs of the response tokens and their counts.
 
-    Logits at position ``t`` predict token ``t + 1``; ``loss_mask[:, 1:]`` selects the response
-    tokens (EOS included). With ``chunk_size > 0`` the ``[batch, seq, vocab]`` logits are never
-    built: ``losses.chunked_token_logprobs`` projects ``model.hidden_states`` through
-    ``model.unembedding`` a chunk of tokens at a time.
+    Logits at position ``t`` predict token ``t + 1`` (:func:`prefjax.losses.shift_labels`);
+    ``loss_mask`` selects the response tokens (EOS included) and acts as a weight
+    (:func:`prefjax.losses.masked_sum`). With ``chunk_size > 0`` the ``[batch, seq, vocab]``
+    logits are never built: ``losses.chunked_token_logprobs`` projects ``model.hidden_states``
+    through ``model.unembedding`` a chunk of tokens at a time.
 
     Args:
       model: a ``prefjax.models.Model`` with an LM head.
@@ -172,17 +146,106 @@ def response_logps(
     Returns:
       ``(logps [batch] float32, num_tokens [batch] float32)``.
     """
-    labels = input_ids[:, 1:]  # [batch, seq - 1]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
     if chunk_size:
         hidden = model.hidden_states(params, input_ids, attention_mask, lora=lora, key=key)
+        hidden, labels, mask = losses.shift_labels(hidden, input_ids, loss_mask)
         token_logps = losses.chunked_token_logprobs(
-            hidden[:, :-1], model.unembedding(params), labels, chunk_size=chunk_size
+            hidden, model.unembedding(params), labels, chunk_size=chunk_size
         )
+        logps = losses.masked_sum(token_logps, mask, axis=-1)
     else:
         logits = model.apply(params, input_ids, attention_mask, lora=lora, key=key)
-        token_logps = losses.token_logprobs(logits[:, :-1], labels)
-    return jnp.sum(token_logps * mask, axis=-1), jnp.sum(mask, axis=-1)
+        logits, labels, mask = losses.shift_labels(logits, input_ids, loss_mask)
+        logps = losses.sequence_logprobs(logits, labels, mask)
+    return logps, jnp.sum(mask.astype(jnp.float32), axis=-1)
+
+
+def flatten_responses(x: jax.Array) -> jax.Array:
+    """``[batch, k, ...] -> [k * batch, ...]``: the k responses of every example in one pass.
+
+    Response-major: all first responses (a pair's chosen side), then all second ones, so a pair
+    batch becomes chosen rows then rejected rows. :func:`unflatten_responses` inverts it.
+    """
+    return einops.rearrange(x, "b k ... -> (k b) ...")
+
+
+def unflatten_responses(x: jax.Array, k: int) -> jax.Array:
+    """``[k * batch, ...] -> [batch, k, ...]``, the inverse of :func:`flatten_responses`."""
+    return einops.rearrange(x, "(k b) ... -> b k ...", k=k)
+
+
+def example_weights(batch: Batch) -> jax.Array:
+    """``[batch]`` float32: ``example_mask`` (1 real row, 0 padding row) or ones."""
+    if "example_mask" in batch:
+        return batch["example_mask"].astype(jnp.float32)
+    return jnp.ones((batch["input_ids"].shape[0],), jnp.float32)
+
+
+def agreement(margin: jax.Array, tolerance: jax.Array | float = 0.0) -> jax.Array:
+    """1 where ``margin > tolerance``, 0 where ``margin < -tolerance``, 1/2 for a tie."""
+    return jnp.where(margin > tolerance, 1.0, jnp.where(margin < -tolerance, 0.0, 0.5))
+
+
+def ranking_accuracy(
+    scores: jax.Array, mask: jax.Array, tolerance: jax.Array | float = 0.0
+) -> jax.Array:
+    """Per example, the fraction of ordered pairs of a best-first ranking scored in order.
+
+    Args:
+      scores: ``[batch, k]``, the labelled order best first.
+      mask: ``[batch, k]`` 1 for the responses the example has.
+      tolerance: score differences within it count as ties (one half); scalar or
+        ``[batch, k, k]``.
+
+    Returns:
+      ``[batch]``: over pairs ``i < j`` both present, the mean of :func:`agreement` of
+      ``scores_i - scores_j`` (0 for an example with fewer than two responses).
+    """
+    k = scores.shape[1]
+    pair_mask = mask[:, :, None] * mask[:, None, :] * jnp.triu(jnp.ones((k, k)), 1)
+    correct = agreement(scores[:, :, None] - scores[:, None, :], tolerance) * pair_mask
+    return safe_div(jnp.sum(correct, (1, 2)), jnp.sum(pair_mask, (1, 2)))
+
+
+def last_valid(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[batch, k] -> [batch]``: each row's entry at its last position with ``mask`` set."""
+    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None], axis=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives and their metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def means(stats: Mapping[str, tuple[Any, Any]]) -> Metrics:
+    """``{name: sum / count}`` (0 where the count is 0)."""
+    return {name: safe_div(jnp.asarray(s), jnp.asarray(c)) for name, (s, c) in stats.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What an algorithm computes on a batch; :func:`make_update` and :func:`make_eval_step`
+    turn it into the train and held-out steps.
+
+    Attributes:
+      loss: ``loss(params, batch, frozen, key, denominators) -> (loss, stats)`` on one
+        micro-batch. ``loss`` is the micro-batch's share of the whole batch's objective (its sum
+        divided by ``denominators["loss"]``, computed on the *full* batch, so accumulation is
+        exact); ``stats`` is :data:`Stats`, ``{name: (sum, count)}`` over the micro-batch.
+        ``key`` is ``None`` in evaluation (no dropout).
+      denominators: ``batch -> {"loss": ..., ...}``, the full batch's normalisers.
+      finalize: ``stats -> metrics``: the means (``loss`` included) and the metrics derived from
+        them, the same function for train and eval (default :func:`means`).
+      kl_coefficient: the beta of the KL-regularised objective the algorithm optimises (whose
+        optimum is ``pi_ref * exp(r / beta)``), for the built-in tasks' ground-truth metrics;
+        ``None`` when it has none.
+    """
+
+    loss: Callable[..., tuple[jax.Array, Stats]]
+    denominators: Callable[[Batch], Mapping[str, jax.Array]]
+    finalize: Callable[[Stats], Metrics] = means
+    kl_coefficient: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,9 +260,7 @@ def tree_norm(tree: Any) -> jax.Array:
 
 
 def make_update(
-    loss_fn: Callable[[Any, Batch, Any, jax.Array, Mapping[str, jax.Array]], tuple[Any, Any]],
-    denominators_fn: Callable[[Batch], Mapping[str, jax.Array]],
-    finalize_fn: Callable[[Any, Mapping[str, jax.Array]], Metrics],
+    objective: Objective,
     *,
     num_micro: int,
     schedule: optax.Schedule | None,
@@ -208,12 +269,8 @@ def make_update(
     """Builds ``train_step(state, batch, frozen, key) -> (state, metrics)``.
 
     Args:
-      loss_fn: ``loss_fn(params, micro_batch, frozen, key, denominators) -> (loss, sums)``; the
-        loss is the micro-batch's share of the whole-batch objective (divided by the
-        ``denominators`` of the *full* batch), ``sums`` a dict of metric sums.
-      denominators_fn: the full batch's normalisers (``{"pairs": B, "tokens": ...}``), computed
-        before the micro-batch scan so accumulation is exact.
-      finalize_fn: ``(sums, denominators) -> metrics`` turning sums into means.
+      objective: the algorithm's :class:`Objective`; its denominators are computed on the full
+        batch before the micro-batch scan, its stats summed over micro-batches, then finalised.
       num_micro: micro-batches per step (``config.optimizer.grad_accum_steps``).
       schedule: the learning-rate schedule, for the ``learning_rate`` metric.
       constrain: optional sharding constraint applied to each micro-batch.
@@ -223,9 +280,9 @@ def make_update(
         state: TrainState, batch: Batch, frozen: Any, key: jax.Array
     ) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(key, state.step)
-        denominators = denominators_fn(batch)
-        loss, grads, sums = optim.accumulate_gradients(
-            lambda p, b, k: loss_fn(p, b, frozen, k, denominators),
+        denominators = objective.denominators(batch)
+        loss, grads, stats = optim.accumulate_gradients(
+            lambda p, b, k: objective.loss(p, b, frozen, k, denominators),
             state.params,
             batch,
             key,
@@ -241,8 +298,7 @@ def make_update(
             params=optim.select_tree(ok, new_state.params, state.params),
             opt_state=optim.select_tree(ok, new_state.opt_state, state.opt_state),
         )
-        metrics = finalize_fn(sums, denominators)
-        metrics["loss"] = loss
+        metrics = objective.finalize({**stats, "loss": (loss, jnp.ones((), jnp.float32))})
         metrics["grad_norm"] = grad_norm
         metrics["param_norm"] = tree_norm(new_state.params)
         metrics["update_norm"] = jnp.where(ok, tree_norm(updates), 0.0)
@@ -252,6 +308,22 @@ def make_update(
         return new_state, metrics
 
     return train_step
+
+
+def make_eval_step(objective: Objective) -> Callable[[Any, Batch, Any], Stats]:
+    """``eval_step(params, batch, frozen) -> stats`` (:data:`Stats`, ``loss`` included).
+
+    The loop sums the stats over held-out batches (and hosts) and finalises them with
+    ``objective.finalize``, exactly as the train step does within a batch.
+    """
+
+    def eval_step(params: Any, batch: Batch, frozen: Any) -> Stats:
+        den = objective.denominators(batch)
+        ones = {name: jnp.ones_like(value) for name, value in den.items()}
+        loss_sum, stats = objective.loss(params, batch, frozen, None, ones)  # no dropout
+        return {**stats, "loss": (loss_sum, den["loss"])}
+
+    return eval_step
 
 
 def micro_batch_constraint(mesh: Mesh | None) -> Callable[[Any], Any] | None:
@@ -288,6 +360,10 @@ class Setup:
       schedule: the learning-rate schedule.
       model: the model the steps close over.
       policy_params: ``params -> full policy params`` for export (merges LoRA when used).
+      objective: the algorithm's :class:`Objective` (its ``finalize`` turns summed eval stats
+        into metrics).
+      reference: the reference policy's params when they are in memory (the frozen copy, or the
+        LoRA base with adapters off), else ``None``.
       info: free-form description (reference kind, parameter counts) for logs.
     """
 
@@ -302,6 +378,8 @@ class Setup:
     schedule: optax.Schedule
     model: Any
     policy_params: Callable[[Any, Any], Any]
+    objective: Objective
+    reference: Any = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:

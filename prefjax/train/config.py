@@ -28,7 +28,6 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TASKS = ("sequence", "bandit", "files")
-REFERENCES = ("copy", "lora_base", "precomputed", "none")
 OPTIMIZERS = ("adamw", "adam", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
@@ -90,6 +89,7 @@ class Derived:
     micro_batch_size: int  # examples per micro-batch (global)
     head: str  # model head: "lm" | "reward"
     batch_kind: str  # "sft" | "pairwise" | "listwise" | "unpaired"
+    reference: str  # "none" | "copy" | "lora_base" | "precomputed" (the algorithm's reference)
     uses_reference: bool  # the step needs reference log-probs
     workdir: str  # the run directory when --workdir is not given (absolute)
     export_dir: str  # where the HF export goes ("" when export.hf is off)
@@ -112,7 +112,8 @@ def derived(
         micro_batch_size=config.data.batch_size // config.optimizer.grad_accum_steps,
         head=algorithm.HEAD,
         batch_kind=algorithm.batch_kind(config),
-        uses_reference=algorithm.uses_reference(config),
+        reference=algorithm.reference(config),
+        uses_reference=algorithm.reference(config) != "none",
         workdir=workdir,
         export_dir=export_dir,
     )
@@ -121,8 +122,9 @@ def derived(
 def validate(config, num_devices: int | None = None, algorithm=None) -> None:
     """Checks every field and combination; raises :class:`ConfigError` naming the field.
 
-    ``algorithm`` (a module such as ``prefjax.train.dpo``) adds its own ``validate_config``
-    checks (rpo_alpha, loss-specific hyperparameters), turned into ``ConfigError`` too.
+    ``algorithm`` (a module such as ``prefjax.train.dpo``) checks its own block,
+    ``config.algorithm``, with its ``validate_config`` (loss, reference, hyperparameters), turned
+    into ``ConfigError`` too; the fields checked here are the ones every algorithm shares.
     """
     _positive(config, "seed", zero_ok=True)
     if algorithm is None:
@@ -187,12 +189,6 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
     _positive(config, "data.batch_size")
     _positive(config, "data.eval_batch_size")
     _positive(config, "data.seed", zero_ok=True)
-
-    # Shared algorithm fields (the algorithm's own are checked by its validate_config).
-    algo = config.algorithm
-    _choice(config, "algorithm.reference", REFERENCES)
-    if algo.reference == "lora_base" and not config.model.lora.rank:
-        _fail("algorithm.reference", "lora_base", "needs LoRA adapters (model.lora.rank > 0)")
 
     # Optimiser.
     opt = config.optimizer

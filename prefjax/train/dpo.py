@@ -1,17 +1,20 @@
-"""Direct preference optimisation and its family: one jitted, sharded train step per variant.
+"""Direct preference optimisation and its family: the objective of every variant.
 
 What the step does, in order (``config.algorithm.loss`` picks the objective):
 
-1. forward the policy once on chosen and rejected concatenated on the batch axis
-   (``[2 * batch, seq]``) and sum the response log-probs (logits at ``t`` predict ``t + 1``);
+1. forward the policy once on the batch's ``[batch, 2, seq]`` pairs, flattened response-major to
+   ``[2 * batch, seq]`` (chosen rows, then rejected rows), and sum the response log-probs
+   (logits at ``t`` predict ``t + 1``) into ``[batch, 2]``;
 2. take the reference log-probs: a frozen copy (``reference="copy"``), the LoRA base with adapters
-   off (``"lora_base"``), or columns ``ref_chosen_logps`` / ``ref_rejected_logps`` precomputed once
-   by :func:`precompute_reference_logps` (``"precomputed"``; no reference in memory);
-3. call the loss from ``prefjax.losses`` -- any of ``PAIRWISE_LOSSES`` (sigmoid, robust, ipo,
-   hinge, bco_pair, ...), ``listwise`` (Plackett-Luce over K responses), ``kto`` (unpaired
-   feedback, KL reference point estimated on mismatched prompt/response pairs of the batch), or
-   the reference-free ``orpo`` and ``simpo``;
-4. differentiate, accumulate over micro-batches, clip, update (``prefjax.train.common``).
+   off (``"lora_base"``), or the ``ref_logps [batch, 2]`` column precomputed once by
+   :func:`precompute_reference_logps` (``"precomputed"``; no reference in memory);
+3. call the loss from ``prefjax.losses`` with its hyperparameters from ``config.algorithm`` --
+   any of ``PAIRWISE_LOSSES`` (sigmoid, robust, ipo, hinge, bco_pair, ...), ``listwise``
+   (Plackett-Luce over the ``[batch, K, seq]`` responses), ``kto`` (unpaired feedback, KL
+   reference point estimated on mismatched prompt/response pairs of the batch), or the
+   reference-free ``orpo`` and ``simpo``;
+4. differentiate, accumulate over micro-batches, clip, update (:func:`prefjax.train.common.
+   make_update`).
 
 Metrics (means over the batch): ``loss``; ``rewards/chosen``, ``rewards/rejected`` (implicit
 rewards ``beta * (log pi - log pi_ref)``), ``rewards/margin``, ``rewards/accuracy`` (fraction of
@@ -21,24 +24,26 @@ pairs; KTO: of desirable rewards above 0 and undesirable below); ``logps/chosen`
 ``logps/rejected`` (summed response log-probs under the policy -- watch both fall together, the
 usual DPO failure);
 ``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
-responses); ``length/chosen``, ``length/rejected`` (response tokens); plus the norms and
-``train/skipped`` added by :func:`prefjax.train.common.make_update`.
+responses); ``length/chosen``, ``length/rejected`` (response tokens); ``length_bias/corr`` (the
+correlation of the reward margin with the chosen-minus-rejected length); with ``rpo_alpha``,
+``loss/preference`` and ``nll/chosen``; plus the norms and ``train/skipped`` added by
+:func:`prefjax.train.common.make_update`. Train and eval metrics come from the same
+:func:`finalize`.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from prefjax import losses
 from prefjax.train import common, loop
-from prefjax.train import setup as train_setup
-from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
+from prefjax.train.common import Batch, Metrics, Objective, Stats, safe_div
 from prefjax.train.errors import ConfigError
 from prefjax.train.reference import precompute_reference_logps  # noqa: F401  (public name)
 
@@ -46,15 +51,45 @@ SPECIAL_LOSSES = ("listwise", "kto", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")
 REFERENCES = ("copy", "lora_base", "precomputed", "none")
 
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
-
-
 # The Algorithm protocol (see prefjax.train): what the loop asks of this module.
 NAME = "dpo"
 HEAD = "lm"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """``config.algorithm`` of a DPO-family run: every field, its default and its unit."""
+    algo = ml_collections.ConfigDict()
+    # Which train step (set by the config file; not meant to be changed).
+    algo.name = NAME
+    # A key of prefjax.losses.PAIRWISE_LOSSES ("sigmoid" is DPO), or "listwise" | "kto" | "orpo"
+    # | "simpo" (these two need reference="none").
+    algo.loss = "sigmoid"
+    # KL-regularisation strength beta (nats^-1 scale of the implicit rewards beta * log-ratio).
+    algo.beta = 0.1
+    # Conservative-DPO / robust-DPO label-flip probability epsilon in [0, 0.5).
+    algo.label_smoothing = 0.0
+    # SimPO target reward margin gamma (in reward units).
+    algo.gamma = 0.5
+    # KTO weights of desirable / undesirable examples.
+    algo.desirable_weight = 1.0
+    algo.undesirable_weight = 1.0
+    # Reference policy: "copy" (frozen copy) | "lora_base" (adapters off) | "precomputed" (one pass
+    # before training stores reference log-probs beside the data) | "none" (ORPO, SimPO).
+    algo.reference = "copy"
+    # ORPO: weight of the NLL term on the chosen response.
+    algo.sft_weight = 1.0
+    # Pairwise losses: + rpo_alpha * (token-averaged NLL of the chosen response), the RPO
+    # regulariser (Pang et al., 2024) that keeps the chosen likelihood from falling. 0 = off.
+    algo.rpo_alpha = 0.0
+    # Pairwise losses on length-normalised (per-token mean) log-probs instead of sums; unset =
+    # the loss's own convention (True for "ipo", as TRL runs it; False otherwise).
+    algo.average_logps = ml_collections.config_dict.placeholder(bool)
+    return algo
 
 
 def batch_kind(config: Any) -> str:
@@ -63,8 +98,10 @@ def batch_kind(config: Any) -> str:
     return {"listwise": "listwise", "kto": "unpaired"}.get(loss, "pairwise")
 
 
-def uses_reference(config: Any) -> bool:
-    return config.algorithm.reference != "none"
+def reference(config: Any) -> str:
+    """``config.algorithm.reference``: ``"copy"``, ``"lora_base"``, ``"precomputed"`` or
+    ``"none"``."""
+    return config.algorithm.reference
 
 
 def loss_names() -> tuple[str, ...]:
@@ -74,53 +111,51 @@ def loss_names() -> tuple[str, ...]:
 
 def validate_config(config: Any) -> None:
     """Start-up checks of the DPO fields, each error naming the field."""
-    loss = get(config, "algorithm.loss", "sigmoid")
+    algo = config.algorithm
+    loss, ref, beta = algo.loss, algo.reference, algo.beta
     if loss not in loss_names():
         raise ValueError(f"config.algorithm.loss={loss!r}: expected one of {loss_names()}.")
-    reference = get(config, "algorithm.reference", "copy")
-    if reference not in REFERENCES:
-        raise ValueError(f"config.algorithm.reference={reference!r}: expected one of {REFERENCES}.")
-    beta = float(get(config, "algorithm.beta", 0.1))
-    if beta <= 0:
+    if ref not in REFERENCES:
+        raise ValueError(f"config.algorithm.reference={ref!r}: expected one of {REFERENCES}.")
+    if not beta > 0:
         raise ValueError(f"config.algorithm.beta={beta} must be > 0.")
-    lora = common.lora_rank(config) > 0
-    if loss in REFERENCE_FREE and reference != "none":
+    lora = common.uses_lora(config)
+    if loss in REFERENCE_FREE and ref != "none":
         raise ValueError(
-            f"config.algorithm.reference={reference!r}: loss {loss!r} is reference-free; "
+            f"config.algorithm.reference={ref!r}: loss {loss!r} is reference-free; "
             "set config.algorithm.reference='none'."
         )
-    if loss not in REFERENCE_FREE and reference == "none":
+    if loss not in REFERENCE_FREE and ref == "none":
         raise ValueError(
             f"config.algorithm.reference='none': loss {loss!r} needs a reference "
             "('copy', 'lora_base' or 'precomputed')."
         )
-    if reference == "lora_base" and not lora:
+    if ref == "lora_base" and not lora:
         raise ValueError(
             "config.algorithm.reference='lora_base' needs LoRA adapters: "
             "set config.model.lora.rank > 0."
         )
-    if reference == "copy" and lora:
+    if ref == "copy" and lora:
         raise ValueError(
             "config.algorithm.reference='copy' with LoRA (config.model.lora.rank > 0) would keep "
             "a second copy of the base; use 'lora_base' (the base, adapters off) or 'precomputed'."
         )
-    if reference == "precomputed" and loss == "kto":
+    if ref == "precomputed" and loss == "kto":
         raise ValueError(
             "config.algorithm.reference='precomputed' is not supported with loss='kto': the KL "
             "reference point pairs prompts with other examples' responses in each batch, so it "
             "cannot be computed ahead of time. Use 'copy' or 'lora_base'."
         )
-    smoothing = float(get(config, "algorithm.label_smoothing", 0.0))
-    if not 0.0 <= smoothing < 0.5:
-        raise ValueError(f"config.algorithm.label_smoothing={smoothing!r}: must be in [0, 0.5).")
-    for field in ("desirable_weight", "undesirable_weight") if loss == "kto" else ():
-        if float(config.algorithm[field]) <= 0:
-            raise ValueError(f"config.algorithm.{field}={config.algorithm[field]!r}: must be > 0.")
-    if loss == "orpo" and float(config.algorithm.sft_weight) < 0:
+    if not 0.0 <= algo.label_smoothing < 0.5:
         raise ValueError(
-            f"config.algorithm.sft_weight={config.algorithm.sft_weight!r}: must be >= 0."
+            f"config.algorithm.label_smoothing={algo.label_smoothing!r}: must be in [0, 0.5)."
         )
-    rpo_alpha = get(config, "algorithm.rpo_alpha", 0.0)
+    for field in ("desirable_weight", "undesirable_weight") if loss == "kto" else ():
+        if not algo[field] > 0:
+            raise ValueError(f"config.algorithm.{field}={algo[field]!r}: must be > 0.")
+    if loss == "orpo" and algo.sft_weight < 0:
+        raise ValueError(f"config.algorithm.sft_weight={algo.sft_weight!r}: must be >= 0.")
+    rpo_alpha = algo.rpo_alpha
     if isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float)) or rpo_alpha < 0:
         raise ValueError(f"config.algorithm.rpo_alpha={rpo_alpha!r} must be a number >= 0.")
     if rpo_alpha and loss not in losses.PAIRWISE_LOSSES:
@@ -132,33 +167,35 @@ def validate_config(config: Any) -> None:
     if loss in losses.PAIRWISE_LOSSES or loss == "simpo":
         # Each loss checks its own hyperparameters; run it once on zeros so a bad value fails
         # here, naming the config field, instead of inside the jitted step.
-        fn = losses.simpo_loss if loss == "simpo" else losses.PAIRWISE_LOSSES[loss]
         zeros = jnp.zeros((1,))
-        args = (zeros, zeros) if loss == "simpo" else (zeros,) * 4
         try:
-            fn(*args, **_pairwise_kwargs(config, fn))
+            _pairwise_loss(config)(zeros, zeros, zeros, zeros)
         except ValueError as err:
             raise ValueError(
-                f"config.algorithm (loss={loss!r}, beta={beta}, label_smoothing={smoothing}): {err}"
+                f"config.algorithm (loss={loss!r}, beta={beta}, "
+                f"label_smoothing={algo.label_smoothing}): {err}"
             ) from err
 
 
 def _average_logps(config: Any) -> bool:
-    """Length-normalised log-probs: IPO as TRL runs it (override: ``algorithm.average_logps``)."""
-    loss = get(config, "algorithm.loss", "sigmoid")
-    default = loss == "ipo"
-    value = get(config, "algorithm.average_logps", None)
-    return default if value is None or value == "" else bool(value)
+    """Length-normalised log-probs: IPO as TRL runs it, unless ``algorithm.average_logps`` says."""
+    value = config.algorithm.average_logps
+    return config.algorithm.loss == "ipo" if value is None else bool(value)
 
 
-def _pairwise_kwargs(config: Any, fn: Callable[..., Any]) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {"beta": float(get(config, "algorithm.beta", 0.1))}
-    if "label_smoothing" in params:
-        kwargs["label_smoothing"] = float(get(config, "algorithm.label_smoothing", 0.0))
-    if "gamma" in params:
-        kwargs["gamma"] = float(get(config, "algorithm.gamma", 0.5))
-    return kwargs
+def _pairwise_loss(config: Any) -> Callable[..., Any]:
+    """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> losses.PreferenceLossOutput``
+    with the loss's hyperparameters from ``config.algorithm`` (pairwise losses and SimPO; SimPO
+    reads the policy's length-averaged log-probs only)."""
+    algo = config.algorithm
+    beta, smoothing = float(algo.beta), float(algo.label_smoothing)
+    if algo.loss == "simpo":
+        gamma = float(algo.gamma)
+        return lambda pc, pr, rc, rr: losses.simpo_loss(
+            pc, pr, beta=beta, gamma=gamma, label_smoothing=smoothing
+        )
+    fn = losses.PAIRWISE_LOSSES[algo.loss]
+    return lambda pc, pr, rc, rr: fn(pc, pr, rc, rr, beta=beta, label_smoothing=smoothing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,41 +204,37 @@ def _pairwise_kwargs(config: Any, fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``policy(params, frozen, ids, attn, lmask)`` and ``reference(frozen, ids, attn, lmask)``."""
-    chunk = common.logps_chunk_size(config)
-    lora = common.lora_rank(config) > 0
-    reference = get(config, "algorithm.reference", "copy")
+    """``policy(params, frozen, tokens, key) -> (logps, counts)`` and ``reference(frozen, batch,
+    tokens) -> logps`` over one ``[batch, k, seq]`` (or ``[batch, seq]``) token triple."""
+    chunk = config.model.logps_chunk_size
+    lora = common.uses_lora(config)
+    kind = config.algorithm.reference
 
-    def policy(params, frozen, ids, attn, lmask, key=None):
+    def policy(params, frozen, tokens, key=None):
         if lora:  # ``key`` switches LoRA dropout on (training only)
-            return common.response_logps(
-                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk, key=key
-            )
-        return common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk)
+            return _logps(model, frozen, tokens, lora=params, chunk_size=chunk, key=key)
+        return _logps(model, params, tokens, chunk_size=chunk)
 
-    def ref(frozen, ids, attn, lmask):
+    def ref(frozen, batch, tokens):
+        if kind == "precomputed":
+            return batch["ref_logps"].astype(jnp.float32)
+        if kind == "none":
+            return jnp.zeros(tokens[0].shape[:-1], jnp.float32)
         # "copy": frozen is the reference; "lora_base": frozen is the base, adapters off.
-        if reference not in ("copy", "lora_base"):
-            raise ValueError(f"reference {reference!r} has no live forward pass")
-        logps, _ = common.response_logps(
-            model, jax.lax.stop_gradient(frozen), ids, attn, lmask, chunk_size=chunk
-        )
+        logps, _ = _logps(model, jax.lax.stop_gradient(frozen), tokens, chunk_size=chunk)
         return jax.lax.stop_gradient(logps)
 
     return policy, ref
 
 
-def _example_weights(batch: Batch, size: int) -> jax.Array:
-    """``example_mask`` (1 real row, 0 padding row) or ones."""
-    if "example_mask" in batch:
-        return batch["example_mask"].astype(jnp.float32)
-    return jnp.ones((size,), jnp.float32)
-
-
-def _concat_pair(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    # 2 x [batch, seq] -> [2 * batch, seq]: one forward pass for chosen and rejected.
-    cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], 0)
-    return cat("input_ids"), cat("attention_mask"), cat("loss_mask")
+def _logps(model: Any, params: Any, tokens: tuple, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
+    """Summed response log-probs and token counts with the tokens' leading shape."""
+    if tokens[0].ndim == 2:
+        return common.response_logps(model, params, *tokens, **kwargs)
+    k = tokens[0].shape[1]
+    flat = (common.flatten_responses(x) for x in tokens)  # [batch, k, seq] -> [k * batch, seq]
+    logps, counts = common.response_logps(model, params, *flat, **kwargs)
+    return common.unflatten_responses(logps, k), common.unflatten_responses(counts, k)
 
 
 # The policy and reference passes are one jitted program but not one numeric path: the policy's
@@ -237,168 +270,133 @@ def tie_tolerance(beta: float, *logps: jax.Array) -> jax.Array:
     return _TIE_ULPS * jnp.finfo(jnp.float32).eps * beta * scale
 
 
-def _agreement(margin: jax.Array, tolerance: jax.Array) -> jax.Array:
-    """1 where ``margin > tolerance``, 0 where ``margin < -tolerance``, 1/2 for a tie."""
-    return jnp.where(margin > tolerance, 1.0, jnp.where(margin < -tolerance, 0.0, 0.5))
+def _denominators(batch: Batch) -> Mapping[str, jax.Array]:
+    return {"loss": jnp.maximum(jnp.sum(common.example_weights(batch)), 1.0)}
+
+
+def _stat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum of x * w, sum of w)``: one metric's :data:`~prefjax.train.common.Stats` entry."""
+    return jnp.sum(x.astype(jnp.float32) * w), jnp.sum(w)
+
+
+def finalize(stats: Stats) -> Metrics:
+    """Means, the length-bias correlation from its moments, and KTO's reward margin."""
+    metrics = common.means(stats)
+    moments = {k.split("/", 1)[1]: metrics.pop(k) for k in list(metrics) if "length_bias/" in k}
+    if moments:
+        m = moments
+        cov = m["xy"] - m["x"] * m["y"]
+        var = (m["xx"] - m["x"] ** 2) * (m["yy"] - m["y"] ** 2)
+        ok = var > 1e-12
+        metrics["length_bias/corr"] = jnp.where(ok, cov / jnp.sqrt(jnp.where(ok, var, 1.0)), 0.0)
+    if "rewards/margin" not in metrics:  # KTO: chosen and rejected are different examples
+        metrics["rewards/margin"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss functions on one micro-batch: (params, batch, frozen, key, denominators) -> (loss, sums)
+# Objectives on one micro-batch: (params, batch, frozen, key, denominators) -> (loss, stats)
 # ----------------------------------------------------------------------------------------------
 
 
-def _pair_sums(
-    chosen_rewards: jax.Array,
-    rejected_rewards: jax.Array,
-    policy_chosen: jax.Array,
-    policy_rejected: jax.Array,
-    ref_chosen: jax.Array,
-    ref_rejected: jax.Array,
-    chosen_len: jax.Array,
-    rejected_len: jax.Array,
-    w: jax.Array,
-    tie: jax.Array,
-) -> dict[str, jax.Array]:
-    f32 = lambda x: x.astype(jnp.float32)
-    chosen_rewards, rejected_rewards = f32(chosen_rewards), f32(rejected_rewards)
-    margin = chosen_rewards - rejected_rewards
-    s = lambda x: jnp.sum(f32(x) * w)
+def _pair_stats(
+    rewards: jax.Array, logps: jax.Array, refs: jax.Array, counts: jax.Array, w, tie
+) -> Stats:
+    """Metrics of ``[batch, 2]`` (chosen, rejected) rewards, log-probs and lengths."""
+    rewards = rewards.astype(jnp.float32)
+    margin = rewards[:, 0] - rewards[:, 1]
+    length_diff = counts[:, 0] - counts[:, 1]
+    s = lambda x: _stat(x, w)
     return {
-        "rewards/chosen": s(chosen_rewards),
-        "rewards/rejected": s(rejected_rewards),
+        "rewards/chosen": s(rewards[:, 0]),
+        "rewards/rejected": s(rewards[:, 1]),
         "rewards/margin": s(margin),
         # Ties (|margin| <= tie, float32 rounding: policy == reference at step 0) count one
         # half, so accuracy starts at 0.5.
-        "rewards/accuracy": s(_agreement(margin, tie)),
-        "logps/chosen": s(policy_chosen),
-        "logps/rejected": s(policy_rejected),
-        "kl/logratio": s(0.5 * ((policy_chosen - ref_chosen) + (policy_rejected - ref_rejected))),
-        "length/chosen": s(chosen_len),
-        "length/rejected": s(rejected_len),
+        "rewards/accuracy": s(common.agreement(margin, tie)),
+        "logps/chosen": s(logps[:, 0]),
+        "logps/rejected": s(logps[:, 1]),
+        "kl/logratio": s(jnp.mean(logps - refs, axis=1)),
+        "length/chosen": s(counts[:, 0]),
+        "length/rejected": s(counts[:, 1]),
         # Moments for the length-bias correlation (margin vs. chosen-minus-rejected length).
-        "length_bias/x": s(chosen_len - rejected_len),
+        "length_bias/x": s(length_diff),
         "length_bias/y": s(margin),
-        "length_bias/xy": s((chosen_len - rejected_len) * margin),
-        "length_bias/xx": s((chosen_len - rejected_len) ** 2),
+        "length_bias/xy": s(length_diff * margin),
+        "length_bias/xx": s(length_diff**2),
         "length_bias/yy": s(margin**2),
     }
 
 
-def _pairwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    name = get(config, "algorithm.loss", "sigmoid")
-    reference = get(config, "algorithm.reference", "copy")
-    beta = float(get(config, "algorithm.beta", 0.1))
+def _pairwise_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Stats]]:
+    algo = config.algorithm
+    name, beta = algo.loss, float(algo.beta)
     average = _average_logps(config)
     policy, ref = _forwards(model, config)
-    sft_weight = float(get(config, "algorithm.sft_weight", 1.0))
-    rpo_alpha = float(get(config, "algorithm.rpo_alpha", 0.0))
-    if name in losses.PAIRWISE_LOSSES:
-        loss_fn = losses.PAIRWISE_LOSSES[name]
-        kwargs = _pairwise_kwargs(config, loss_fn)
-    elif name == "simpo":
-        simpo_kwargs = _pairwise_kwargs(config, losses.simpo_loss)
+    sft_weight, rpo_alpha = float(algo.sft_weight), float(algo.rpo_alpha)
+    pair_loss = None if name == "orpo" else _pairwise_loss(config)
 
     def fn(params, batch, frozen, key, denominators):
-        num = batch["chosen_input_ids"].shape[0]
-        w = _example_weights(batch, num)
-        rpo_sums = {}
-        ids, attn, lmask = _concat_pair(batch)
-        logps, counts = policy(params, frozen, ids, attn, lmask, key)  # [2 * batch]
-        # [2 * batch] -> 2 x [batch]
-        pc, pr, nc, nr = logps[:num], logps[num:], counts[:num], counts[num:]
-        if reference == "precomputed":
-            rc = batch["ref_chosen_logps"].astype(jnp.float32)
-            rr = batch["ref_rejected_logps"].astype(jnp.float32)
-        elif reference == "none":
-            rc = rr = jnp.zeros_like(pc)
-        else:
-            ref_logps = ref(frozen, ids, attn, lmask)
-            rc, rr = ref_logps[:num], ref_logps[num:]
-        if name == "orpo":
-            avg_c, avg_r = safe_div(pc, nc), safe_div(pr, nr)
-            out = losses.orpo_loss(avg_c, avg_r, beta=beta)
-            # ORPO = NLL of the chosen response (length-normalised) + the odds-ratio term.
-            per_example = sft_weight * (-avg_c) + out.loss
-            tie = tie_tolerance(beta, avg_c, avg_r)
-        elif name == "simpo":
-            avg_c, avg_r = safe_div(pc, nc), safe_div(pr, nr)
-            out = losses.simpo_loss(avg_c, avg_r, **simpo_kwargs)
-            per_example = out.loss
-            tie = tie_tolerance(simpo_kwargs["beta"], avg_c, avg_r)
-        else:
-            if average:
-                pc_, pr_ = safe_div(pc, nc), safe_div(pr, nr)
-                rc_, rr_ = safe_div(rc, nc), safe_div(rr, nr)
+        w = common.example_weights(batch)
+        tokens = tuple(batch[n] for n in common.TOKENS)  # [batch, 2, seq]
+        logps, counts = policy(params, frozen, tokens, key)  # [batch, 2]
+        refs = ref(frozen, batch, tokens)  # [batch, 2]
+        avg = safe_div(logps, counts)  # per-token log-probs
+        extra: Stats = {}
+        if name in REFERENCE_FREE:
+            pc, pr, rc, rr = avg[:, 0], avg[:, 1], None, None
+            tie = tie_tolerance(beta, pc, pr)
+            if name == "orpo":
+                out = losses.orpo_loss(pc, pr, beta=beta)
+                # ORPO = NLL of the chosen response (length-normalised) + the odds-ratio term.
+                per_example = sft_weight * (-pc) + out.loss
             else:
-                pc_, pr_, rc_, rr_ = pc, pr, rc, rr
-            out = loss_fn(pc_, pr_, rc_, rr_, **kwargs)
+                out = pair_loss(pc, pr, rc, rr)
+                per_example = out.loss
+        else:
+            used, used_ref = (avg, safe_div(refs, counts)) if average else (logps, refs)
+            pc, pr, rc, rr = used[:, 0], used[:, 1], used_ref[:, 0], used_ref[:, 1]
+            out = pair_loss(pc, pr, rc, rr)
             per_example = out.loss
-            tie = tie_tolerance(beta, pc_, pr_, rc_, rr_)
+            tie = tie_tolerance(beta, pc, pr, rc, rr)
             if rpo_alpha:
                 # RPO (Pang et al., 2024, Eq. 2): + alpha * the chosen response's NLL per token.
-                nll_chosen = -safe_div(pc, nc)
-                per_example = per_example + rpo_alpha * nll_chosen
                 # Its two parts: loss = loss/preference + rpo_alpha * nll/chosen.
-                rpo_sums = {
-                    "loss/preference": jnp.sum(out.loss.astype(jnp.float32) * w),
-                    "nll/chosen": jnp.sum(nll_chosen * w),
-                }
-        loss = jnp.sum(per_example * w) / denominators["pairs"]
-        sums = _pair_sums(out.chosen_rewards, out.rejected_rewards, pc, pr, rc, rr, nc, nr, w, tie)
-        if reference == "none":
-            del sums["kl/logratio"]  # no reference: nothing to compare with
-        return loss, {**sums, **rpo_sums}
+                per_example = per_example + rpo_alpha * (-avg[:, 0])
+                extra = {"loss/preference": _stat(out.loss, w), "nll/chosen": _stat(-avg[:, 0], w)}
+        loss = jnp.sum(per_example * w) / denominators["loss"]
+        rewards = jnp.stack([out.chosen_rewards, out.rejected_rewards], axis=1)
+        stats = _pair_stats(rewards, logps, refs, counts, w, tie)
+        if name in REFERENCE_FREE:
+            del stats["kl/logratio"]  # no reference: nothing to compare with
+        return loss, {**stats, **extra}
 
     return fn
 
 
-def _listwise_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    reference = get(config, "algorithm.reference", "copy")
-    beta = float(get(config, "algorithm.beta", 0.1))
+def _listwise_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Stats]]:
+    beta = float(config.algorithm.beta)
     policy, ref = _forwards(model, config)
 
     def fn(params, batch, frozen, key, denominators):
-        num, k, seq = batch["input_ids"].shape
-        w = _example_weights(batch, num)
-        # [batch, k, seq] -> [batch * k, seq]
-        flat = lambda x: x.reshape(num * k, seq)
-        ids, attn, lmask = (flat(batch[n]) for n in ("input_ids", "attention_mask", "loss_mask"))
-        logps, counts = policy(params, frozen, ids, attn, lmask, key)
-        logps, counts = logps.reshape(num, k), counts.reshape(num, k)  # [batch * k] -> [batch, k]
-        if reference == "precomputed":
-            ref_logps = batch["ref_logps"].astype(jnp.float32)
-        else:
-            ref_logps = ref(frozen, ids, attn, lmask).reshape(num, k)
+        w = common.example_weights(batch)
+        tokens = tuple(batch[n] for n in common.TOKENS)  # [batch, k, seq]
+        logps, counts = policy(params, frozen, tokens, key)  # [batch, k]
+        refs = ref(frozen, batch, tokens)
         mask = batch["response_mask"].astype(jnp.float32)
-        out = losses.listwise_dpo_loss(logps, ref_logps, beta=beta, mask=mask)
-        loss = jnp.sum(out.loss * w) / denominators["pairs"]
-        rewards = beta * (logps - ref_logps)  # [batch, k]
+        out = losses.listwise_dpo_loss(logps, refs, beta=beta, mask=mask)
+        loss = jnp.sum(out.loss * w) / denominators["loss"]
+        rewards = beta * (logps - refs)  # [batch, k]
         # Best = first response; worst = last valid response of each row.
-        last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
-        take = lambda x: jnp.take_along_axis(x, last[:, None], axis=1)[:, 0]
+        ends = lambda x: jnp.stack([x[:, 0], common.last_valid(x, mask)], axis=1)
+        size = jnp.abs(logps) + jnp.abs(refs)  # [batch, k]
+        last_tie = tie_tolerance(beta, *(ends(x)[:, i] for x in (logps, refs) for i in (0, 1)))
+        stats = _pair_stats(ends(rewards), ends(logps), ends(refs), ends(counts), w, last_tie)
         # Fraction of ordered pairs (i before j, both valid) with reward_i > reward_j, ties (within
         # float32 rounding, as at policy == reference) counting one half, as for pairs.
-        upper = jnp.triu(jnp.ones((k, k)), 1)
-        pair_mask = mask[:, :, None] * mask[:, None, :] * upper
-        size = jnp.abs(logps) + jnp.abs(ref_logps)  # [batch, k]
         tie = tie_tolerance(beta, size[:, :, None], size[:, None, :])  # [batch, k, k]
-        correct = _agreement(rewards[:, :, None] - rewards[:, None, :], tie) * pair_mask
-        accuracy = safe_div(jnp.sum(correct, (1, 2)), jnp.sum(pair_mask, (1, 2)))
-        last_tie = tie_tolerance(beta, logps[:, 0], take(logps), ref_logps[:, 0], take(ref_logps))
-        sums = _pair_sums(
-            rewards[:, 0],
-            take(rewards),
-            logps[:, 0],
-            take(logps),
-            ref_logps[:, 0],
-            take(ref_logps),
-            counts[:, 0],
-            take(counts),
-            w,
-            last_tie,
-        )
-        sums["rewards/accuracy"] = jnp.sum(accuracy * w)
-        return loss, sums
+        stats["rewards/accuracy"] = _stat(common.ranking_accuracy(rewards, mask, tie), w)
+        return loss, stats
 
     return fn
 
@@ -444,186 +442,65 @@ def mismatched_pairs(
     return ids.astype(input_ids.dtype), attn, lmask
 
 
-def _kto_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    beta = float(get(config, "algorithm.beta", 0.1))
-    desirable_weight = float(get(config, "algorithm.desirable_weight", 1.0))
-    undesirable_weight = float(get(config, "algorithm.undesirable_weight", 1.0))
+def _kto_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Stats]]:
+    algo = config.algorithm
+    beta = float(algo.beta)
+    weights = dict(
+        desirable_weight=float(algo.desirable_weight),
+        undesirable_weight=float(algo.undesirable_weight),
+    )
     policy, ref = _forwards(model, config)
 
     def fn(params, batch, frozen, key, denominators):
         num = batch["input_ids"].shape[0]
-        w = _example_weights(batch, num)
-        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        kl_ids, kl_attn, kl_lmask = mismatched_pairs(ids, attn, lmask)
-        # 2 x [batch, seq] -> [2 * batch, seq]: matched and mismatched in one forward pass.
-        all_ids = jnp.concatenate([ids, kl_ids], 0)
-        all_attn = jnp.concatenate([attn, kl_attn], 0)
-        all_lmask = jnp.concatenate([lmask, kl_lmask], 0)
-        logps, counts = policy(params, frozen, all_ids, all_attn, all_lmask, key)
-        ref_logps = ref(frozen, all_ids, all_attn, all_lmask)
+        w = common.example_weights(batch)
+        tokens = tuple(batch[n] for n in common.TOKENS)  # [batch, seq]
+        # Matched and mismatched in one forward pass: 2 x [batch, seq] -> [2 * batch, seq].
+        both = tuple(
+            jnp.concatenate([x, y], 0)
+            for x, y in zip(tokens, mismatched_pairs(*tokens), strict=True)
+        )
+        logps, counts = policy(params, frozen, both, key)
+        ref_logps = ref(frozen, batch, both)
         pol, pol_kl = logps[:num], logps[num:]
         rl, rl_kl = ref_logps[:num], ref_logps[num:]
         # z_ref: batch mean of the mismatched log-ratio, clamped at 0, never differentiated.
         kl = losses.kto_reference_point(pol_kl, rl_kl, mask=w)
         desirable = batch["label"].astype(jnp.float32)
-        out = losses.kto_loss(
-            pol,
-            rl,
-            desirable,
-            kl,
-            beta=beta,
-            desirable_weight=desirable_weight,
-            undesirable_weight=undesirable_weight,
-        )
-        loss = jnp.sum(out.loss * w) / denominators["pairs"]
+        out = losses.kto_loss(pol, rl, desirable, kl, beta=beta, **weights)
+        loss = jnp.sum(out.loss * w) / denominators["loss"]
         rewards = beta * (pol - rl)
-        agree = _agreement(rewards, tie_tolerance(beta, pol, rl))  # 1: reward > 0
+        agree = common.agreement(rewards, tie_tolerance(beta, pol, rl))  # 1: reward > 0
         good, bad = desirable * w, (1.0 - desirable) * w
-        s = lambda x, m: jnp.sum(x.astype(jnp.float32) * m)
-        sums = {
-            "rewards/chosen": s(rewards, good),
-            "rewards/rejected": s(rewards, bad),
+        stats = {
+            "rewards/chosen": _stat(rewards, good),
+            "rewards/rejected": _stat(rewards, bad),
             # Desirable responses should get reward > 0, undesirable ones < 0; a reward within
             # float32 rounding of 0 (policy == reference) counts one half.
-            "rewards/accuracy": s(agree, good) + s(1.0 - agree, bad),
-            "logps/chosen": s(pol, good),
-            "logps/rejected": s(pol, bad),
-            "kl/reference_point": kl * jnp.sum(w),
-            "kl/logratio": s(pol - rl, w),
-            "length/chosen": s(counts[:num], good),
-            "length/rejected": s(counts[:num], bad),
+            "rewards/accuracy": _stat(agree * desirable + (1.0 - agree) * (1.0 - desirable), w),
+            "logps/chosen": _stat(pol, good),
+            "logps/rejected": _stat(pol, bad),
+            "kl/reference_point": (kl * jnp.sum(w), jnp.sum(w)),
+            "kl/logratio": _stat(pol - rl, w),
+            "length/chosen": _stat(counts[:num], good),
+            "length/rejected": _stat(counts[:num], bad),
         }
-        return loss, sums
+        return loss, stats
 
     return fn
 
 
-def _denominators(config: Any) -> Callable[[Batch], Mapping[str, jax.Array]]:
-    loss = get(config, "algorithm.loss", "sigmoid")
-
-    def fn(batch: Batch) -> Mapping[str, jax.Array]:
-        key = "input_ids" if loss in ("listwise", "kto") else "chosen_input_ids"
-        w = _example_weights(batch, batch[key].shape[0])
-        out = {"pairs": jnp.maximum(jnp.sum(w), 1.0)}
-        if loss == "kto":
-            desirable = batch["label"].astype(jnp.float32) * w
-            out["desirable"] = jnp.sum(desirable)
-            out["undesirable"] = jnp.sum(w) - out["desirable"]
-        return out
-
-    return fn
-
-
-_BY_DESIRABILITY = {
-    "rewards/chosen": "desirable",
-    "rewards/rejected": "undesirable",
-    "logps/chosen": "desirable",
-    "logps/rejected": "undesirable",
-    "length/chosen": "desirable",
-    "length/rejected": "undesirable",
-}
-
-
-def _finalize(config: Any) -> Callable[[Any, Mapping[str, jax.Array]], Metrics]:
-    loss = get(config, "algorithm.loss", "sigmoid")
-
-    def fn(sums: Mapping[str, jax.Array], denominators: Mapping[str, jax.Array]) -> Metrics:
-        out = {}
-        for name, value in sums.items():
-            if name.startswith("length_bias/"):
-                continue
-            den = denominators["pairs"]
-            if loss == "kto" and name in _BY_DESIRABILITY:
-                den = denominators[_BY_DESIRABILITY[name]]
-            out[name] = safe_div(value, den)
-        if loss == "kto":
-            out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
-        return out
-
-    return fn
-
-
-def loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    """``(params, batch, frozen, key, denominators) -> (loss, sums)`` for ``algorithm.loss``."""
-    loss = get(config, "algorithm.loss", "sigmoid")
+def objective(model: Any, config: Any) -> Objective:
+    """The :class:`~prefjax.train.common.Objective` of ``config.algorithm.loss``."""
+    loss = config.algorithm.loss
     if loss == "listwise":
-        return _listwise_loss_fn(model, config)
-    if loss == "kto":
-        return _kto_loss_fn(model, config)
-    return _pairwise_loss_fn(model, config)
-
-
-# ----------------------------------------------------------------------------------------------
-# Steps
-# ----------------------------------------------------------------------------------------------
-
-
-def make_train_step(
-    model: Any, config: Any, *, mesh: Any = None, schedule: Any = None
-) -> Callable[..., tuple[Any, Metrics]]:
-    """``train_step(state, batch, frozen, key) -> (state, metrics)``, pure and unjitted.
-
-    ``mesh`` (optional) keeps micro-batches split over ``("data", "fsdp")``; ``schedule`` adds a
-    ``learning_rate`` metric.
-    """
-    return common.make_update(
-        loss_fn(model, config),
-        _denominators(config),
-        _finalize(config),
-        num_micro=common.grad_accum_steps(config),
-        schedule=schedule,
-        constrain=common.micro_batch_constraint(mesh),
-    )
-
-
-def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metrics]:
-    """``eval_step(params, batch, frozen) -> {name: (sum, count)}`` on held-out pairs.
-
-    Sums and counts let :func:`prefjax.train.evaluation.finalize_metrics` average exactly over
-    batches and hosts (and compute ``length_bias/corr``, the correlation of the implicit-reward
-    margin with the chosen-minus-rejected length).
-    """
-    fn = loss_fn(model, config)
-    denominators_fn = _denominators(config)
-    loss = get(config, "algorithm.loss", "sigmoid")
-
-    def eval_step(params: Any, batch: Batch, frozen: Any) -> Metrics:
-        den = denominators_fn(batch)
-        ones = {k: jnp.ones_like(v) for k, v in den.items()}
-        loss_sum, sums = fn(params, batch, frozen, None, ones)  # key None: no dropout
-        out = {"loss": (loss_sum, den["pairs"])}
-        for name, value in sums.items():
-            count = den["pairs"]
-            if loss == "kto" and name in _BY_DESIRABILITY:
-                count = den[_BY_DESIRABILITY[name]]
-            out[name] = (value, count)
-        return out
-
-    return eval_step
-
-
-# ----------------------------------------------------------------------------------------------
-# Setup: sharded state, frozen pytree and jitted steps
-# ----------------------------------------------------------------------------------------------
-
-
-def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
-    """Sharded train state, frozen pytree and jitted steps for ``config`` on ``mesh``.
-
-    * no LoRA: trainable = a copy of ``model.params`` (the state is donated to each step);
-      frozen = ``model.params`` themselves (``reference="copy"``) or ``None``
-      (``"precomputed"``, ``"none"``).
-    * LoRA: trainable = adapters from ``model.init_lora``; frozen = the base ``model.params``
-      (the reference under ``"lora_base"``, and what the adapters sit on in every case).
-
-    The frozen tree shares ``model.params``' buffers wherever they already have the mesh's
-    sharding (resharded otherwise), so the weights are held twice, not three times; do not donate
-    ``model.params`` to another computation while this setup is in use.
-    """
-    validate_config(config)
-    return train_setup.build_setup(
-        config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=True
-    )
+        fn = _listwise_objective(model, config)
+    elif loss == "kto":
+        fn = _kto_objective(model, config)
+    else:
+        fn = _pairwise_objective(model, config)
+    beta = float(config.algorithm.beta) if reference(config) != "none" else None
+    return Objective(fn, _denominators, finalize, kl_coefficient=beta)
 
 
 # ----------------------------------------------------------------------------------------------

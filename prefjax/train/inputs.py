@@ -307,18 +307,14 @@ def _policy_and_lora(setup, params):
     return params, None
 
 
-def prepare_task_eval(setup, model, eval_data: EvalData, config, *, uses_reference: bool) -> None:
+def prepare_task_eval(setup, model, eval_data: EvalData) -> None:
     """Records what task metrics compare against: the initial policy over the bandit's arms
-    (for objectives regularised towards a reference, whose optimum is pi_ref * exp(r / beta))."""
-    if isinstance(eval_data.task, pdata.Bandit) and uses_reference:
+    (for objectives regularised towards a reference, whose optimum is pi_ref * exp(r / beta),
+    ``beta`` the objective's ``kl_coefficient``)."""
+    if isinstance(eval_data.task, pdata.Bandit) and setup.objective.kl_coefficient is not None:
         eval_data.ref_bandit_logprobs = evaluation.bandit_policy(
             model, model.params, eval_data.task, eval_data.tokenizer
         )
-
-
-def _reference_params(setup, config):
-    """The reference policy's params (``None`` when it is not in memory: precomputed, none)."""
-    return setup.frozen if config.algorithm.reference in ("copy", "lora_base") else None
 
 
 def task_metrics(setup, params, eval_data: EvalData, config, key=None) -> dict:
@@ -337,7 +333,7 @@ def task_metrics(setup, params, eval_data: EvalData, config, key=None) -> dict:
             base,
             task,
             tokenizer,
-            float(config.algorithm.beta),
+            setup.objective.kl_coefficient,
             ref_logprobs=eval_data.ref_bandit_logprobs,
             lora=lora,
         )
@@ -367,7 +363,7 @@ def task_metrics(setup, params, eval_data: EvalData, config, key=None) -> dict:
         )
         out["eval/gold_reward_sampled"] = sampled["sampled/reward"]
         out["eval/length/sampled"] = sampled["sampled/length/mean"]
-    ref = _reference_params(setup, config)
+    ref = setup.reference  # None when not in memory (precomputed, none)
     if ref is not None and eval_data.sample_prompts is not None:
         kl = evaluation.sampled_kl_to_reference(
             model,

@@ -1,9 +1,9 @@
 """The training loop every algorithm shares: build, resume, train, evaluate, checkpoint, report.
 
-``prefjax.train.<algo>.run(config, workdir)`` calls :func:`run` with its own module, which must
-provide ``setup(config, model, mesh, key) -> Setup`` (see :mod:`prefjax.train.common`) and may
-provide ``validate_config(config)``; reference log-probs for ``algorithm.reference="precomputed"``
-come from :mod:`prefjax.train.reference`. In order, :func:`run`
+``prefjax.train.<algo>.run(config, workdir)`` calls :func:`run` with its own module, which fills
+the ``Algorithm`` protocol of :mod:`prefjax.train` (its objective, batch kind, reference kind,
+validation); reference log-probs for a ``"precomputed"`` reference come from
+:mod:`prefjax.train.reference`. In order, :func:`run`
 
 1. validates the config (naming the bad field) and opens the workdir (:mod:`prefjax.train.workdir`:
    refuses a directory of another run, algorithm or config, claims a new one, takes its lock);
@@ -11,8 +11,9 @@ come from :mod:`prefjax.train.reference`. In order, :func:`run`
    from ``model.init_from`` (another run's checkpoint) or from an SFT warm-up stage run by this
    same loop in ``<workdir>/sft_warmup`` when ``config.sft_warmup.num_steps > 0``;
 3. builds the train/eval datasets (:mod:`prefjax.train.inputs`), checks their fingerprint against
-   the recorded run's, adds precomputed reference log-probs when asked, and calls the
-   algorithm's ``setup``;
+   the recorded run's, adds precomputed reference log-probs when asked, and builds the sharded
+   state and jitted steps (:func:`prefjax.train.setup.build_setup`, or the algorithm's own
+   ``setup`` when it has one);
 4. resumes from the newest complete checkpoint in ``<workdir>/checkpoints`` (train state *and*
    data-iterator position), or evaluates the initial policy at step 0 on a fresh run;
 5. trains ``train.num_steps`` steps with a progress bar, console/JSONL/TensorBoard metrics every
@@ -48,6 +49,7 @@ from prefjax import models, sharding
 from prefjax.train import checkpointing, evaluation, faults, inputs, reference
 from prefjax.train import config as train_config
 from prefjax.train import logging as metric_logging
+from prefjax.train import setup as train_setup
 from prefjax.train import workdir as run_dir
 
 
@@ -134,7 +136,9 @@ def evaluate(setup, params, eval_data: inputs.EvalData, config) -> dict[str, flo
             break
         out = setup.eval_step(params, setup.shard_batch(batch), setup.frozen)
         sums = evaluation.merge_metric_sums(sums, out)
-    metrics = {f"eval/{k}": v for k, v in sorted(evaluation.finalize_metrics(sums).items())}
+    # The objective's own finalisation, as in the train step (means and derived metrics).
+    final = setup.objective.finalize(sums)
+    metrics = {f"eval/{k}": float(v) for k, v in sorted(final.items())}
     metrics.update(inputs.task_metrics(setup, params, eval_data, config))
     return metrics
 
@@ -288,14 +292,17 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
         print(f"{tag}data: {data.description}", flush=True)
     # Same config, other data (a file edited in place) is refused like a changed config.
     wd.check_data(run_dir.data_fingerprint([data.train, data.eval.dataset]))
-    if config.algorithm.reference == "precomputed":
+    if derived.reference == "precomputed":
         t0 = time.time()
         reference.add_reference_logps(config, model, mesh, (data.train, data.eval.dataset))
         if is_main:
             print(f"{tag}reference log-probs precomputed in {time.time() - t0:.1f}s", flush=True)
 
-    setup = algorithm.setup(config, model, mesh, setup_key)
-    inputs.prepare_task_eval(setup, model, data.eval, config, uses_reference=derived.uses_reference)
+    if hasattr(algorithm, "setup"):  # its own set-up (extra frozen trees, a wrapped step, ...)
+        setup = algorithm.setup(config, model, mesh, setup_key)
+    else:
+        setup = train_setup.build_setup(config, model, mesh, setup_key, algorithm)
+    inputs.prepare_task_eval(setup, model, data.eval)
     train_iter = data.train_iterator()
     ckpt = None
     if config.checkpoint.enabled:

@@ -1,8 +1,8 @@
 """Reference log-probs computed ahead of training (``algorithm.reference="precomputed"``).
 
 :func:`precompute_reference_logps` runs the reference once over a dataset; the result becomes
-dataset columns (``ref_chosen_logps`` / ``ref_rejected_logps``, or ``ref_logps`` for rankings),
-so a run never holds the reference in memory. :func:`add_reference_logps` does that for a run's
+a dataset column (``ref_logps``, ``[N, 2]`` for pairs and ``[N, K]`` for rankings), so a run
+never holds the reference in memory. :func:`add_reference_logps` does that for a run's
 train and held-out data.
 """
 
@@ -66,8 +66,8 @@ def precompute_reference_logps(
       seq_len: pad every batch to this length (default: the dataset's bucket for each batch).
 
     Returns:
-      Pairwise: ``{"ref_chosen_logps": [N], "ref_rejected_logps": [N]}``; listwise:
-      ``{"ref_logps": [N, K]}`` (float32, summed over response tokens).
+      ``{"ref_logps": [N, K]}`` (float32, summed over response tokens): ``K = 2`` (chosen,
+      rejected) for pairs; for rankings 0 where an example has fewer than ``K`` responses.
     """
     if mesh is not None:
         ways = shd.data_parallel_size(mesh)
@@ -111,43 +111,19 @@ def precompute_reference_logps(
             out = multihost_utils.process_allgather(out, tiled=True)
         return np.asarray(out)
 
-    chosen, rejected, listwise = [], [], []
+    out = []
     for batch in batches():
-        keep = np.asarray(batch.get("example_mask", np.ones(_leading(batch), np.int32))) > 0
-        if "chosen_input_ids" in batch:
-            num = batch["chosen_input_ids"].shape[0]
-            ids = np.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-            attn = np.concatenate(
-                [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
-            )
-            lmask = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-            out = run(ids, attn, lmask)
-            chosen.append(out[:num][keep])
-            rejected.append(out[num:][keep])
-        elif np.ndim(batch["input_ids"]) == 3:
-            num, k, seq = batch["input_ids"].shape
-            ids, attn, lmask = (
-                np.asarray(batch[n]).reshape(num * k, seq)  # [batch, k, seq] -> [batch * k, seq]
-                for n in ("input_ids", "attention_mask", "loss_mask")
-            )
-            out = run(ids, attn, lmask)
-            out = out.reshape(num, k) * np.asarray(batch["response_mask"])
-            listwise.append(out[keep])
-        else:
+        if np.ndim(batch["input_ids"]) != 3:
             raise ValueError(
-                "precompute_reference_logps: batches must be pairwise (chosen_input_ids, ...) or "
-                "listwise (input_ids [batch, k, seq])."
+                "precompute_reference_logps: batches must be pairwise or listwise "
+                "(input_ids [batch, k, seq])."
             )
-    if listwise:
-        return {"ref_logps": np.concatenate(listwise).astype(np.float32)}
-    return {
-        "ref_chosen_logps": np.concatenate(chosen).astype(np.float32),
-        "ref_rejected_logps": np.concatenate(rejected).astype(np.float32),
-    }
-
-
-def _leading(batch: Mapping[str, Any]) -> int:
-    for name in ("chosen_input_ids", "input_ids"):
-        if name in batch:
-            return int(np.shape(batch[name])[0])
-    raise ValueError("batch has neither chosen_input_ids nor input_ids")
+        num, k, _ = np.shape(batch["input_ids"])
+        keep = np.asarray(batch.get("example_mask", np.ones(num, np.int32))) > 0
+        # [batch, k, seq] -> [k * batch, seq]: one pass over every response, as the train step.
+        tokens = (common.flatten_responses(np.asarray(batch[n])) for n in common.TOKENS)
+        logps = common.unflatten_responses(run(*tokens), k)
+        if "response_mask" in batch:
+            logps = logps * np.asarray(batch["response_mask"])
+        out.append(np.asarray(logps)[keep])
+    return {"ref_logps": np.concatenate(out).astype(np.float32)}

@@ -1,39 +1,53 @@
 """Reward models: Bradley-Terry on pairs (with an optional margin) and Plackett-Luce on rankings.
 
 The model is the transformer with a scalar reward head (``head="reward"``), read at the last
-real token. Pairwise: chosen and rejected go through one forward pass concatenated on the batch
-axis (``[2 * batch, seq]``) and the loss is ``-log sigmoid(r_w - r_l - margin)`` (Llama 2's margin
-from the batch's ``margin`` column when ``config.algorithm.margin`` is set). Listwise: the
-``[batch, k, seq]`` responses are flattened to ``[batch * k, seq]`` and scored with the
-Plackett-Luce likelihood of the given best-first order.
+real token. The ``[batch, 2, seq]`` pairs (``[batch, k, seq]`` rankings) go through one forward
+pass flattened response-major to ``[2 * batch, seq]`` (``[k * batch, seq]``). Pairwise: the loss
+is ``-log sigmoid(r_w - r_l - margin)`` (Llama 2's margin from the batch's ``margin`` column when
+``config.algorithm.margin`` is set); listwise: the Plackett-Luce likelihood of the given
+best-first order.
 
 Metrics: ``loss``; ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin`` (mean scores and
 their difference); ``rewards/accuracy`` (fraction of pairs -- for rankings, of ordered pairs --
-scored in the labelled order); ``rewards/gold_accuracy`` on built-in tasks (agreement with the
-gold reward's order, whose ceiling is 1, not the label accuracy); ``rewards/std`` (score spread);
-plus norms and ``train/skipped``.
+scored in the labelled order, an exact tie counting one half); ``rewards/gold_accuracy`` on
+built-in tasks (agreement with the gold reward's order, whose ceiling is 1, not the label
+accuracy); ``rewards/std`` (score spread); plus norms and ``train/skipped``. Train and eval
+metrics come from the same :func:`finalize`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from prefjax import losses
 from prefjax.train import common, loop
-from prefjax.train import setup as train_setup
-from prefjax.train.common import Batch, Metrics, Setup, get, safe_div
+from prefjax.train.common import Batch, Metrics, Objective, Stats
 
 REWARD_LOSSES = ("bradley_terry", "plackett_luce")
-
 
 # The Algorithm protocol (see prefjax.train): what the loop asks of this module.
 NAME = "reward"
 HEAD = "reward"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """``config.algorithm`` of a reward-model run: every field, its default and its unit."""
+    algo = ml_collections.ConfigDict()
+    # Which train step (set by the config file; not meant to be changed).
+    algo.name = NAME
+    # "bradley_terry" (pairs) | "plackett_luce" (rankings, best first).
+    algo.loss = "bradley_terry"
+    # Bradley-Terry: subtract the example's `margin` column inside the sigmoid (Llama 2).
+    algo.margin = False
+    # Bradley-Terry: label-flip probability epsilon in [0, 0.5) (conservative targets).
+    algo.label_smoothing = 0.0
+    return algo
 
 
 def batch_kind(config: Any) -> str:
@@ -41,52 +55,66 @@ def batch_kind(config: Any) -> str:
     return "listwise" if config.algorithm.loss == "plackett_luce" else "pairwise"
 
 
-def uses_reference(config: Any) -> bool:
-    return False
+def reference(config: Any) -> str:
+    return "none"
 
 
 def validate_config(config: Any) -> None:
     """Start-up checks of the reward-model fields."""
+    algo = config.algorithm
     if config.export.hf:
         raise ValueError(
             "config.export.hf=True: only policies (sft, dpo) export to a Hugging Face LM folder."
         )
-    loss = get(config, "algorithm.loss", "bradley_terry")
-    if loss not in REWARD_LOSSES:
-        raise ValueError(f"config.algorithm.loss={loss!r}: expected one of {REWARD_LOSSES}.")
-    reference = get(config, "algorithm.reference", "none")
-    if reference not in ("none", ""):
-        raise ValueError(
-            f"config.algorithm.reference={reference!r}: reward models use no reference ('none')."
-        )
-    if common.lora_rank(config) > 0:
+    if algo.loss not in REWARD_LOSSES:
+        raise ValueError(f"config.algorithm.loss={algo.loss!r}: expected one of {REWARD_LOSSES}.")
+    if common.uses_lora(config):
         raise ValueError(
             "config.model.lora.rank > 0: reward models train the full network and its reward "
             "head; set config.model.lora.rank=0."
         )
-    if loss == "plackett_luce" and get(config, "algorithm.margin", False):
+    if algo.loss == "plackett_luce" and algo.margin:
         raise ValueError("config.algorithm.margin=True applies to loss='bradley_terry' only.")
+    if not 0.0 <= algo.label_smoothing < 0.5:
+        raise ValueError(
+            f"config.algorithm.label_smoothing={algo.label_smoothing!r}: must be in [0, 0.5)."
+        )
 
 
-def _weights(batch: Batch, size: int) -> jax.Array:
-    if "example_mask" in batch:
-        return batch["example_mask"].astype(jnp.float32)
-    return jnp.ones((size,), jnp.float32)
+def _scores(model: Any, params: Any, batch: Batch) -> jax.Array:
+    """``[batch, k]`` float32 rewards of the batch's ``[batch, k, seq]`` responses."""
+    k = batch["input_ids"].shape[1]
+    ids, attn = (common.flatten_responses(batch[n]) for n in ("input_ids", "attention_mask"))
+    scores = model.apply(params, ids, attn).astype(jnp.float32)  # [k * batch]
+    return common.unflatten_responses(scores, k)
 
 
-def _bt_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    use_margin = bool(get(config, "algorithm.margin", False))
-    smoothing = float(get(config, "algorithm.label_smoothing", 0.0))
+def _pair_stats(chosen: jax.Array, rejected: jax.Array, w: jax.Array, batch: Batch) -> Stats:
+    n = jnp.sum(w)
+    s = lambda x: (jnp.sum(x.astype(jnp.float32) * w), n)
+    stats = {
+        "rewards/chosen": s(chosen),
+        "rewards/rejected": s(rejected),
+        "rewards/margin": s(chosen - rejected),
+        "rewards/accuracy": s(common.agreement(chosen - rejected)),
+        # Moments of the scores, for rewards/std.
+        "rewards/sq": s(0.5 * (chosen**2 + rejected**2)),
+        "rewards/mean": s(0.5 * (chosen + rejected)),
+    }
+    if "chosen_gold_reward" in batch:
+        gold = batch["chosen_gold_reward"] - batch["rejected_gold_reward"]
+        stats["rewards/gold_accuracy"] = s((chosen - rejected) * gold > 0)
+    return stats
+
+
+def _bradley_terry(model: Any, config: Any):
+    use_margin, smoothing = bool(config.algorithm.margin), float(config.algorithm.label_smoothing)
 
     def fn(params, batch, frozen, key, denominators):
         del frozen, key
-        num = batch["chosen_input_ids"].shape[0]
-        w = _weights(batch, num)
-        # 2 x [batch, seq] -> [2 * batch, seq]
-        cat = lambda n: jnp.concatenate([batch[f"chosen_{n}"], batch[f"rejected_{n}"]], 0)
-        scores = model.apply(params, cat("input_ids"), cat("attention_mask"))
-        scores = scores.astype(jnp.float32)
-        chosen, rejected = scores[:num], scores[num:]  # [2 * batch] -> 2 x [batch]
+        w = common.example_weights(batch)
+        scores = _scores(model, params, batch)  # [batch, 2]
+        chosen, rejected = scores[:, 0], scores[:, 1]
         if use_margin:
             if "margin" not in batch:
                 raise KeyError("config.algorithm.margin=True but the batch has no 'margin' column.")
@@ -96,114 +124,46 @@ def _bt_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]
         per_example = losses.bradley_terry_loss(
             chosen, rejected, margin=margin, label_smoothing=smoothing
         )
-        per_example = getattr(per_example, "loss", per_example)
-        loss = jnp.sum(per_example * w) / denominators["pairs"]
-        sums = _pair_sums(chosen, rejected, w, batch)
-        return loss, sums
+        loss = jnp.sum(per_example * w) / denominators["loss"]
+        return loss, _pair_stats(chosen, rejected, w, batch)
 
     return fn
 
 
-def _pair_sums(chosen: jax.Array, rejected: jax.Array, w: jax.Array, batch: Batch) -> dict:
-    s = lambda x: jnp.sum(x.astype(jnp.float32) * w)
-    sums = {
-        "rewards/chosen": s(chosen),
-        "rewards/rejected": s(rejected),
-        "rewards/margin": s(chosen - rejected),
-        "rewards/accuracy": s(chosen > rejected),
-        "rewards/sq": s(0.5 * (chosen**2 + rejected**2)),
-        "rewards/mean": s(0.5 * (chosen + rejected)),
-    }
-    if "chosen_gold_reward" in batch:
-        gold = batch["chosen_gold_reward"] - batch["rejected_gold_reward"]
-        sums["rewards/gold_accuracy"] = s((chosen - rejected) * gold > 0)
-    return sums
-
-
-def _pl_loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    del config
-
+def _plackett_luce(model: Any, config: Any):
     def fn(params, batch, frozen, key, denominators):
         del frozen, key
-        num, k, seq = batch["input_ids"].shape
-        w = _weights(batch, num)
-        # [batch, k, seq] -> [batch * k, seq]
-        flat = lambda n: batch[n].reshape(num * k, seq)
-        scores = model.apply(params, flat("input_ids"), flat("attention_mask"))
-        scores = scores.astype(jnp.float32).reshape(num, k)  # [batch * k] -> [batch, k]
+        w = common.example_weights(batch)
+        scores = _scores(model, params, batch)  # [batch, k]
         mask = batch["response_mask"].astype(jnp.float32)
         per_example = losses.plackett_luce_loss(scores, mask=mask)
-        per_example = getattr(per_example, "loss", per_example)
-        loss = jnp.sum(per_example * w) / denominators["pairs"]
-        last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
-        worst = jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
-        upper = jnp.triu(jnp.ones((k, k)), 1)
-        pair_mask = mask[:, :, None] * mask[:, None, :] * upper
-        correct = (scores[:, :, None] > scores[:, None, :]) * pair_mask
-        accuracy = safe_div(jnp.sum(correct, (1, 2)), jnp.sum(pair_mask, (1, 2)))
-        sums = _pair_sums(scores[:, 0], worst, w, {})
-        sums["rewards/accuracy"] = jnp.sum(accuracy * w)
+        loss = jnp.sum(per_example * w) / denominators["loss"]
+        stats = _pair_stats(scores[:, 0], common.last_valid(scores, mask), w, {})
+        stats["rewards/accuracy"] = (jnp.sum(common.ranking_accuracy(scores, mask) * w), jnp.sum(w))
         top1 = jnp.argmax(jnp.where(mask > 0, scores, -jnp.inf), axis=1) == 0
-        sums["rewards/top1_accuracy"] = jnp.sum(top1 * w)
-        return loss, sums
+        stats["rewards/top1_accuracy"] = (jnp.sum(top1 * w), jnp.sum(w))
+        return loss, stats
 
     return fn
-
-
-def loss_fn(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Any]]:
-    """``(params, batch, frozen, key, denominators) -> (loss, sums)`` for ``algorithm.loss``."""
-    validate_config(config)
-    if get(config, "algorithm.loss", "bradley_terry") == "plackett_luce":
-        return _pl_loss_fn(model, config)
-    return _bt_loss_fn(model, config)
 
 
 def _denominators(batch: Batch) -> Mapping[str, jax.Array]:
-    key = "chosen_input_ids" if "chosen_input_ids" in batch else "input_ids"
-    w = _weights(batch, batch[key].shape[0])
-    return {"pairs": jnp.maximum(jnp.sum(w), 1.0)}
+    return {"loss": jnp.maximum(jnp.sum(common.example_weights(batch)), 1.0)}
 
 
-def _finalize(sums: Mapping[str, jax.Array], den: Mapping[str, jax.Array]) -> Metrics:
-    out = {k: safe_div(v, den["pairs"]) for k, v in sums.items()}
-    mean, sq = out.pop("rewards/mean"), out.pop("rewards/sq")
-    out["rewards/std"] = jnp.sqrt(jnp.maximum(sq - mean**2, 0.0))
-    return out
+def finalize(stats: Stats) -> Metrics:
+    """Means, and ``rewards/std`` (the scores' spread) from their moments."""
+    metrics = common.means(stats)
+    mean, sq = metrics.pop("rewards/mean"), metrics.pop("rewards/sq")
+    metrics["rewards/std"] = jnp.sqrt(jnp.maximum(sq - mean**2, 0.0))
+    return metrics
 
 
-def make_train_step(
-    model: Any, config: Any, *, mesh: Any = None, schedule: Any = None
-) -> Callable[..., tuple[Any, Metrics]]:
-    """``train_step(state, batch, frozen, key) -> (state, metrics)``; ``frozen`` is unused."""
-    return common.make_update(
-        loss_fn(model, config),
-        _denominators,
-        _finalize,
-        num_micro=common.grad_accum_steps(config),
-        schedule=schedule,
-        constrain=common.micro_batch_constraint(mesh),
-    )
-
-
-def make_eval_step(model: Any, config: Any) -> Callable[[Any, Batch, Any], Metrics]:
-    """``eval_step(params, batch, frozen) -> {name: (sum, count)}`` on held-out pairs."""
-    fn = loss_fn(model, config)
-
-    def eval_step(params, batch, frozen):
-        den = _denominators(batch)
-        loss_sum, sums = fn(params, batch, frozen, None, {"pairs": 1.0})
-        out = {"loss": (loss_sum, den["pairs"])}
-        out.update({name: (value, den["pairs"]) for name, value in sums.items()})
-        return out
-
-    return eval_step
-
-
-def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> Setup:
-    """Sharded state for a reward model (``head="reward"``) and its jitted steps."""
-    return train_setup.build_setup(
-        config, model, mesh, key, make_train_step, make_eval_step, needs_frozen_copy=False
-    )
+def objective(model: Any, config: Any) -> Objective:
+    """Bradley-Terry (pairs) or Plackett-Luce (rankings) on the reward head's scores."""
+    if config.algorithm.loss == "plackett_luce":
+        return Objective(_plackett_luce(model, config), _denominators, finalize)
+    return Objective(_bradley_terry(model, config), _denominators, finalize)
 
 
 def run(config: Any, workdir: str) -> Any:

@@ -25,12 +25,13 @@ def test_loss_mask_covers_exactly_response_tokens(byte_tok):
     ds = tokenize(recs, byte_tok, "pairwise", max_len=32)
     for side in ("right", "left"):
         b = collate(ds, [0, 1], 24, pad_side=side)
+        assert b["input_ids"].shape == (2, 2, 24)  # [batch, (chosen, rejected), seq]
         for i, rec in enumerate(recs):
-            for name in ("chosen", "rejected"):
-                ids, mask = b[f"{name}_input_ids"][i], b[f"{name}_loss_mask"][i]
+            for k, name in enumerate(("chosen", "rejected")):
+                ids, mask = b["input_ids"][i, k], b["loss_mask"][i, k]
                 expected = byte_tok.encode(rec[name]) + [byte_tok.eos_id]
                 assert ids[mask == 1].tolist() == expected
-                attn = b[f"{name}_attention_mask"][i]
+                attn = b["attention_mask"][i, k]
                 full = [byte_tok.bos_id] + byte_tok.encode(rec["prompt"]) + expected
                 assert ids[attn == 1].tolist() == full
                 # loss mask is inside the attention mask and padding is the pad id
@@ -108,15 +109,14 @@ def test_min_response_len(word_tok):
 def test_buckets_bound_the_number_of_shapes(byte_tok):
     ds = RepeatTask(max_count=30).pairwise_dataset(byte_tok, 300, seed=0, max_len=64)
     it = BatchIterator(ds, 16, seed=0, num_epochs=1, process_index=0, process_count=1)
-    shapes = {b["chosen_input_ids"].shape for b in it}
-    assert shapes <= {(16, L) for L in default_buckets(64)}
+    shapes = {b["input_ids"].shape for b in it}
+    assert shapes <= {(16, 2, L) for L in default_buckets(64)}  # [batch, (chosen, rejected), seq]
     assert len(shapes) >= 2  # lengths vary, so more than one bucket is used
     for b in BatchIterator(ds, 16, num_epochs=1, process_index=0, process_count=1):
-        assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape
-        longest = max(
-            b["chosen_attention_mask"].sum(1).max(), b["rejected_attention_mask"].sum(1).max()
-        )
-        assert longest <= b["chosen_input_ids"].shape[1]
+        assert b["attention_mask"].shape == b["loss_mask"].shape == b["input_ids"].shape
+        # The bucket fits the longest sequence of either side, and no shorter bucket would.
+        longest = b["attention_mask"].sum(-1).max()
+        assert longest <= b["input_ids"].shape[-1]
 
 
 def _all(it, n):
@@ -201,12 +201,12 @@ def test_padding_rows_when_not_dropping(byte_tok):
 def test_added_columns_flow_into_batches(byte_tok):
     ds = RepeatTask().pairwise_dataset(byte_tok, 12, seed=0)
     ref_c = np.arange(12, dtype=np.float32) * 0.5
-    ds.add_columns(ref_chosen_logps=ref_c, ref_rejected_logps=-ref_c)
+    ds.add_columns(ref_logps=np.stack([ref_c, -ref_c], axis=1))  # [N, 2]: chosen, rejected
     it = BatchIterator(ds, 4, seed=0, process_index=0, process_count=1)
     idx = it.epoch_indices(0)[0]
     b = next(it)
-    np.testing.assert_array_equal(b["ref_chosen_logps"], ref_c[idx])
-    np.testing.assert_array_equal(b["ref_rejected_logps"], -ref_c[idx])
+    np.testing.assert_array_equal(b["ref_logps"][:, 0], ref_c[idx])
+    np.testing.assert_array_equal(b["ref_logps"][:, 1], -ref_c[idx])
     np.testing.assert_allclose(b["chosen_gold_reward"], ds["chosen_gold_reward"][idx])
     with pytest.raises(ValueError, match="leading size"):
         ds.add_columns(bad=np.zeros(3))
@@ -288,7 +288,7 @@ def test_datasets_from_config(byte_tok, tmp_path, task):
     else:
         assert len(train) == 40 and len(ev) == 8 and task_obj.flip_prob == 0.1
     b = next(BatchIterator(train, 8, process_index=0, process_count=1))
-    assert b["chosen_input_ids"].shape[0] == 8
+    assert b["input_ids"].shape[:2] == (8, 2)
 
 
 def test_margin_column_is_float32_and_ints_are_int32(byte_tok):

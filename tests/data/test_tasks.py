@@ -65,9 +65,10 @@ def test_bandit_pairs_are_single_tokens(byte_tok):
     ds = bandit.pairwise_dataset(byte_tok, 64, seed=1)
     batch = next(BatchIterator(ds, 8, process_index=0, process_count=1))
     # Exactly one response token (the arm, no EOS) per row, and it is an arm token.
-    np.testing.assert_array_equal(batch["chosen_loss_mask"].sum(1), 1)
+    np.testing.assert_array_equal(batch["loss_mask"].sum(-1), 1)
     arm_ids = set(bandit.arm_token_ids(byte_tok).tolist())
-    chosen_tok = batch["chosen_input_ids"][batch["chosen_loss_mask"] == 1]
+    chosen = batch["input_ids"][:, 0]  # [batch, (chosen, rejected), seq]
+    chosen_tok = chosen[batch["loss_mask"][:, 0] == 1]
     assert set(chosen_tok.tolist()) <= arm_ids
     gold = [bandit.rewards[0, bandit.arms.index(byte_tok.decode([t]))] for t in chosen_tok]
     np.testing.assert_allclose(batch["chosen_gold_reward"], gold, rtol=1e-6)

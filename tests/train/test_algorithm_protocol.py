@@ -5,19 +5,19 @@ cross-entropy regulariser on the chosen response), reference-free:
 
     L = max(0, delta - log pi(y_w | x) + log pi(y_l | x)) - reg_weight * log pi(y_w | x) / |y_w|
 
-It fills the ``prefjax.train`` protocol (NAME, HEAD, batch_kind, uses_reference,
-validate_config, setup) and nothing else; ``loop.run`` builds the model, the pairwise data, the
-sharded state, checkpoints and metrics for it without knowing its name.
+It fills the ``prefjax.train`` protocol (NAME, HEAD, default_config, batch_kind, reference,
+validate_config, objective) and nothing else; ``loop.run`` builds the model, the pairwise data,
+the sharded state, checkpoints and metrics for it without knowing its name.
 """
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from prefjax.train import common, dpo, loop
 from prefjax.train import config as train_config
-from prefjax.train import setup as train_setup
 from tests.train.test_loop import records, tiny_config
 
 
@@ -25,12 +25,20 @@ class SLiC:
     NAME, HEAD = "slic", "lm"
 
     @staticmethod
+    def default_config():
+        algo = ml_collections.ConfigDict()
+        algo.name, algo.loss = "slic", "slic"
+        algo.delta = 1.0  # the hinge's margin, in nats of log-likelihood
+        algo.reg_weight = 0.1  # weight of the chosen response's NLL per token
+        return algo
+
+    @staticmethod
     def batch_kind(config):
         return "pairwise"
 
     @staticmethod
-    def uses_reference(config):
-        return False
+    def reference(config):
+        return "none"
 
     @staticmethod
     def validate_config(config):
@@ -38,57 +46,34 @@ class SLiC:
             raise ValueError(f"config.algorithm.delta={config.algorithm.delta}: must be > 0")
 
     @staticmethod
-    def setup(config, model, mesh, key):
-        delta, reg = float(config.algorithm.delta), float(config.algorithm.reg_weight)
+    def objective(model, config):
+        delta, reg = config.algorithm.delta, config.algorithm.reg_weight
 
-        def loss_fn(params, batch, frozen, key, den):
-            pair = lambda n: jnp.concatenate([batch[f"chosen_{n}"], batch[f"rejected_{n}"]])
-            logps, counts = common.response_logps(
-                model, params, pair("input_ids"), pair("attention_mask"), pair("loss_mask")
+        def loss(params, batch, frozen, key, denominators):
+            tokens = (common.flatten_responses(batch[n]) for n in common.TOKENS)
+            logps, counts = common.response_logps(model, params, *tokens)  # [2 * batch]
+            logps, counts = (
+                common.unflatten_responses(logps, 2),
+                common.unflatten_responses(counts, 2),
             )
-            chosen, rejected = jnp.split(logps, 2)  # [2 * batch] -> 2 x [batch]
-            w = batch.get("example_mask", jnp.ones_like(chosen)).astype(jnp.float32)
+            chosen, rejected = logps[:, 0], logps[:, 1]
+            w = common.example_weights(batch)
             hinge = jax.nn.relu(delta - chosen + rejected)
-            nll = -chosen / jnp.maximum(jnp.split(counts, 2)[0], 1.0)
-            sums = {
-                "hinge": jnp.sum(w * hinge),
-                "rewards/accuracy": jnp.sum(w * (chosen > rejected)),
+            nll = -chosen / jnp.maximum(counts[:, 0], 1.0)
+            stats = {
+                "hinge": (jnp.sum(w * hinge), jnp.sum(w)),
+                "rewards/accuracy": (jnp.sum(w * (chosen > rejected)), jnp.sum(w)),
             }
-            return jnp.sum(w * (hinge + reg * nll)) / den["pairs"], sums
+            return jnp.sum(w * (hinge + reg * nll)) / denominators["loss"], stats
 
-        def denominators(batch):
-            rows = batch["chosen_input_ids"].shape[0]
-            return {"pairs": jnp.maximum(batch.get("example_mask", jnp.ones(rows)).sum(), 1.0)}
-
-        finalize = lambda sums, den: {k: v / den["pairs"] for k, v in sums.items()}
-
-        def make_train(model, config, *, mesh=None, schedule=None):
-            return common.make_update(
-                loss_fn, denominators, finalize, num_micro=1, schedule=schedule
-            )
-
-        def make_eval(model, config):
-            def eval_step(params, batch, frozen):
-                den = denominators(batch)
-                loss, sums = loss_fn(params, batch, frozen, None, {"pairs": 1.0})
-                return {"loss": (loss, den["pairs"])} | {
-                    k: (v, den["pairs"]) for k, v in sums.items()
-                }
-
-            return eval_step
-
-        return train_setup.build_setup(
-            config, model, mesh, key, make_train, make_eval, needs_frozen_copy=False
-        )
+        denominators = lambda batch: {"loss": jnp.maximum(common.example_weights(batch).sum(), 1.0)}
+        return common.Objective(loss, denominators)
 
 
 def slic_config(**changes):
-    config = tiny_config(**{"algorithm.reference": "none", "algorithm.rpo_alpha": 0.0, **changes})
+    config = tiny_config(**changes)
     with config.unlocked():
-        config.algorithm.name = "slic"
-        config.algorithm.loss = "slic"
-        config.algorithm.delta = 1.0  # the hinge's margin in nats of log-likelihood
-        config.algorithm.reg_weight = 0.1  # weight of the chosen response's NLL per token
+        config.algorithm = SLiC.default_config()
     return config
 
 
@@ -120,4 +105,9 @@ def test_the_protocol_validates_the_algorithm_fields():
 
 def test_derived_values_come_from_the_algorithm():
     d = train_config.derived(slic_config(), 8, "/tmp/x", algorithm=SLiC)
-    assert (d.head, d.batch_kind, d.uses_reference) == ("lm", "pairwise", False)
+    assert (d.head, d.batch_kind, d.reference, d.uses_reference) == (
+        "lm",
+        "pairwise",
+        "none",
+        False,
+    )

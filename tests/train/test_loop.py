@@ -17,6 +17,7 @@ import pytest
 
 from experiments.configs import dpo as dpo_config
 from prefjax.train import dpo, loop
+from prefjax.train import setup as train_setup
 
 NUM_STEPS = 6
 
@@ -161,7 +162,7 @@ class PoisonedDPO:
         return getattr(dpo, name)
 
     def setup(self, config, model, mesh, key):
-        setup = dpo.setup(config, model, mesh, key)
+        setup = train_setup.build_setup(config, model, mesh, key, dpo)
         step = setup.train_step
 
         def train_step(state, batch, frozen, key):

@@ -16,6 +16,7 @@ from experiments.configs import common as config_common
 from prefjax import data, models
 from prefjax import sharding as shd
 from prefjax.train import dpo, reward
+from prefjax.train import setup as train_setup
 
 # A smaller-than-tiny Llama (byte vocabulary) so that compiling three meshes stays fast.
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -173,7 +174,7 @@ MESHES = {
 
 def _one_step(module, config, model, batch):
     mesh = shd.make_mesh(config.mesh)
-    setup = module.setup(config, model, mesh, jax.random.key(1))
+    setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), module)
     state, metrics = setup.train_step(
         setup.state, setup.shard_batch(batch), setup.frozen, jax.random.key(2)
     )
@@ -213,7 +214,9 @@ def _single(algo, batch):
     if algo not in _SINGLE:
         module = dpo if algo == "dpo" else reward
         config = _config(algo, mesh_config(1, 1, 1), **ALGO_KW[algo])
-        setup = module.setup(config, _model(algo), shd.single_device_mesh(), jax.random.key(1))
+        setup = train_setup.build_setup(
+            config, _model(algo), shd.single_device_mesh(), jax.random.key(1), module
+        )
         state, metrics = setup.train_step(
             setup.state, setup.shard_batch(batch), setup.frozen, jax.random.key(2)
         )

@@ -5,6 +5,7 @@ with a NumPy log-softmax, then the loss from ``prefjax.losses``; gradient checks
 momentum so the parameter change after one step *is* ``-lr * grad``.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -79,16 +80,13 @@ def np_logps(model, params, ids, attn, lmask, lora=None):
 
 
 def pair_logps(model, params, batch):
-    out = {}
-    for side in ("chosen", "rejected"):
-        out[side] = np_logps(
-            model,
-            params,
-            batch[f"{side}_input_ids"],
-            batch[f"{side}_attention_mask"],
-            batch[f"{side}_loss_mask"],
-        )
-    return out
+    """``{"chosen": (logps, counts), "rejected": ...}`` of a ``[batch, 2, seq]`` pair batch."""
+    side = lambda i: [
+        np.asarray(batch[n])[:, i] for n in ("input_ids", "attention_mask", "loss_mask")
+    ]
+    return {
+        name: np_logps(model, params, *side(i)) for i, name in enumerate(("chosen", "rejected"))
+    }
 
 
 SINGLE = shd.single_device_mesh()
@@ -101,7 +99,7 @@ def cached_setup(config, model):
     """One ``dpo.setup`` (and so one compilation) per distinct config in this module."""
     key = (config.to_json_best_effort(), id(model))
     if key not in _SETUPS:
-        _SETUPS[key] = dpo.setup(config, model, SINGLE, jax.random.key(1))
+        _SETUPS[key] = train_setup.build_setup(config, model, SINGLE, jax.random.key(1), dpo)
     return _SETUPS[key]
 
 
@@ -146,14 +144,23 @@ def test_frozen_reference_shares_the_model_buffers_and_the_state_does_not(model)
     assert not set(ptr(setup.state.params)) & set(ptr(model.params))
 
 
+class TracedOnce:
+    """DPO whose loss may be traced once: three batches of one shape compile one step."""
+
+    NAME, HEAD = dpo.NAME, dpo.HEAD
+    reference = staticmethod(dpo.reference)
+
+    @staticmethod
+    def objective(model, config):
+        objective = dpo.objective(model, config)
+        return dataclasses.replace(objective, loss=chex.assert_max_traces(objective.loss, n=1))
+
+
 def test_step_traces_once_and_skips_nonfinite_batches(model, pairwise):
     ds, _ = pairwise
     config = make_config()
     config.optimizer.name = "adamw"
-    make = lambda m, c, **kw: chex.assert_max_traces(dpo.make_train_step(m, c, **kw), n=1)
-    setup = train_setup.build_setup(
-        config, model, SINGLE, jax.random.key(1), make, dpo.make_eval_step, needs_frozen_copy=True
-    )
+    setup = train_setup.build_setup(config, model, SINGLE, jax.random.key(1), TracedOnce)
     state = setup.state
     losses_seen = []
     for start in (0, 4, 8):  # three different batches of the same shape: one trace
@@ -187,10 +194,11 @@ def test_precomputed_reference_equals_live_reference(model, policy_params, pairw
     ds, batch = pairwise
     columns = dpo.precompute_reference_logps(model, model.params, ds, batch_size=8)
     expected = pair_logps(model, model.params, data.collate(ds, np.arange(len(ds)), SEQ))
-    np.testing.assert_allclose(columns["ref_chosen_logps"], expected["chosen"][0], rtol=1e-5)
-    np.testing.assert_allclose(columns["ref_rejected_logps"], expected["rejected"][0], rtol=1e-5)
+    assert columns["ref_logps"].shape == (len(ds), 2)
+    np.testing.assert_allclose(columns["ref_logps"][:, 0], expected["chosen"][0], rtol=1e-5)
+    np.testing.assert_allclose(columns["ref_logps"][:, 1], expected["rejected"][0], rtol=1e-5)
     pre_batch = data.collate(ds.add_columns(**columns), np.arange(8), SEQ)
-    assert "ref_chosen_logps" in pre_batch
+    assert pre_batch["ref_logps"].shape == (8, 2)
     _, live, m_live = run_one_step(make_config(beta=0.5), model, policy_params, batch)
     setup, pre, m_pre = run_one_step(
         make_config(beta=0.5, reference="precomputed"), model, policy_params, pre_batch
@@ -209,11 +217,13 @@ def test_lora_base_reference_equals_frozen_copy_of_base(model, pairwise):
     )
     lora_config = make_config(reference="lora_base", beta=0.5)
     lora_config.model.lora.rank = 4
-    lora_eval = jax.jit(dpo.make_eval_step(model, lora_config))
+    lora_eval = jax.jit(train_setup.make_eval_step(dpo, model, lora_config))
     out_lora = lora_eval(lora, batch, model.params)
     # The same policy as plain merged weights, with a frozen *copy* of the base as reference.
     merged = model.merge_lora(model.params, lora)
-    copy_eval = jax.jit(dpo.make_eval_step(model, make_config(reference="copy", beta=0.5)))
+    copy_eval = jax.jit(
+        train_setup.make_eval_step(dpo, model, make_config(reference="copy", beta=0.5))
+    )
     out_copy = copy_eval(merged, batch, jax.tree.map(jnp.copy, model.params))
     for name in ("loss", "rewards/margin", "logps/chosen", "kl/logratio"):
         np.testing.assert_allclose(out_lora[name][0], out_copy[name][0], rtol=2e-5, atol=1e-5)
@@ -243,14 +253,17 @@ def variant_algorithm(name):
 def variant_outputs(model, policy_params, pairwise):
     """Every variant's eval step in one jitted function (one compilation for all of them)."""
     _, batch = pairwise
-    steps = {n: dpo.make_eval_step(model, make_config(**variant_algorithm(n))) for n in VARIANTS}
+    steps = {
+        n: train_setup.make_eval_step(dpo, model, make_config(**variant_algorithm(n)))
+        for n in VARIANTS
+    }
     # The vocabulary-chunked log-probs (config.model.logps_chunk_size) must give the same loss.
     chunked = make_config(**variant_algorithm("sigmoid"))
     chunked.model.logps_chunk_size = 24
-    steps["sigmoid_chunked"] = dpo.make_eval_step(model, chunked)
+    steps["sigmoid_chunked"] = train_setup.make_eval_step(dpo, model, chunked)
     # RPO: the sigmoid loss plus rpo_alpha times the chosen response's per-token NLL.
-    steps["sigmoid_rpo"] = dpo.make_eval_step(
-        model, make_config(loss="sigmoid", beta=0.3, rpo_alpha=0.5)
+    steps["sigmoid_rpo"] = train_setup.make_eval_step(
+        dpo, model, make_config(loss="sigmoid", beta=0.3, rpo_alpha=0.5)
     )
 
     def all_variants(params, batch, ref):
@@ -314,7 +327,9 @@ def test_rpo_adds_the_chosen_nll_per_token(variant_outputs, model, policy_params
 def test_listwise_eval_loss_matches_independent(model, policy_params):
     ds = data.RepeatTask().listwise_dataset(TOK, 4, num_responses=3, seed=1)
     batch = data.collate(ds, np.arange(4), SEQ)
-    eval_step = jax.jit(dpo.make_eval_step(model, make_config(loss="listwise", beta=0.2)))
+    eval_step = jax.jit(
+        train_setup.make_eval_step(dpo, model, make_config(loss="listwise", beta=0.2))
+    )
     out = eval_step(policy_params, batch, model.params)
     flat = lambda x: np.asarray(x).reshape(12, SEQ)
     args = [flat(batch[n]) for n in ("input_ids", "attention_mask", "loss_mask")]
@@ -344,7 +359,9 @@ def test_kto_eval_loss_matches_independent(model, policy_params):
     batch = data.collate(ds, np.arange(8), SEQ)
     assert 0 < batch["label"].sum() < 8
     config = make_config(loss="kto", beta=0.2, desirable_weight=1.5)
-    out = jax.jit(dpo.make_eval_step(model, config))(policy_params, batch, model.params)
+    out = jax.jit(train_setup.make_eval_step(dpo, model, config))(
+        policy_params, batch, model.params
+    )
     args = [batch[n] for n in ("input_ids", "attention_mask", "loss_mask")]
     kl_args = dpo.mismatched_pairs(*(jnp.asarray(a) for a in args))
     pol, ref = np_logps(model, policy_params, *args)[0], np_logps(model, model.params, *args)[0]
@@ -382,9 +399,8 @@ def test_accuracy_is_one_half_when_policy_equals_reference(loss):
     model = models.from_preset("tiny", key=jax.random.key(0))
     config = make_config(loss=loss, beta=0.5)
     config.mesh.data = 2
-    setup = dpo.setup(
-        config, model, shd.make_mesh(config.mesh, devices=jax.devices()[:2]), jax.random.key(1)
-    )
+    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:2])
+    setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), dpo)
     assert max_tree_diff(setup.state.params, setup.frozen) == 0.0  # a live copy, same values
     ds = ACCURACY_DATA[loss](24)
     for start in (0, 8, 16):
@@ -405,12 +421,12 @@ def test_accuracy_counts_rounding_as_ties_and_small_genuine_margins_as_wins(mode
     setup = cached_setup(make_config(beta=0.5, reference="precomputed"), model)
 
     def accuracy(ref_chosen, ref_rejected):
-        cols = dict(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
-        batch = data.collate(ds.add_columns(**cols), np.arange(8), SEQ)
+        ref_logps = np.stack([ref_chosen, ref_rejected], axis=1)
+        batch = data.collate(ds.add_columns(ref_logps=ref_logps), np.arange(8), SEQ)
         sums, count = setup.eval_step(policy_params, batch, None)["rewards/accuracy"]
         return float(sums) / float(count)
 
-    rc, rr = columns["ref_chosen_logps"], columns["ref_rejected_logps"]
+    rc, rr = columns["ref_logps"][:, 0], columns["ref_logps"][:, 1]
     # Rounding: the reference of the same weights moved by 1-3 ulps per log-prob, chosen and
     # rejected in opposite directions (|margin| up to 3 eps * sum |logps|, under the 8 eps bound);
     # the margins' signs are unbalanced, so exact-zero ties alone would give 1/8, not 1/2.
@@ -432,7 +448,7 @@ def test_accuracy_of_a_different_policy_matches_numpy(loss, model, policy_params
     """Genuine margins are not ties: the eval accuracy is the NumPy count of correct signs."""
     batch = data.collate(ACCURACY_DATA[loss](8), np.arange(8), SEQ)
     beta = 0.5
-    out = jax.jit(dpo.make_eval_step(model, make_config(loss=loss, beta=beta)))(
+    out = jax.jit(train_setup.make_eval_step(dpo, model, make_config(loss=loss, beta=beta)))(
         policy_params, batch, model.params
     )
     if loss == "sigmoid":
@@ -522,7 +538,7 @@ def test_dpo_on_bandit_converges_to_closed_form_optimum(beta, model):
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 3e-3
     config.train.num_steps = 250
-    setup = dpo.setup(config, model, SINGLE, jax.random.key(1))
+    setup = train_setup.build_setup(config, model, SINGLE, jax.random.key(1), dpo)
     start = evaluation.bandit_metrics(
         model, model.params, bandit, TOK, beta, ref_logprobs=ref_logprobs
     )

@@ -10,6 +10,7 @@ from experiments.configs import common as config_common
 from prefjax import data, losses, models
 from prefjax import sharding as shd
 from prefjax.train import evaluation, reward
+from prefjax.train import setup as train_setup
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 TOK = models.ByteTokenizer()
@@ -43,16 +44,16 @@ def test_bradley_terry_with_margin_matches_independent(model):
     ds = data.RepeatTask().pairwise_dataset(TOK, 8, seed=0)
     margin = np.linspace(0.0, 1.0, 8, dtype=np.float32)
     batch = data.collate(ds.add_columns(margin=margin), np.arange(8), SEQ)
-    out = reward.make_eval_step(model, make_config(margin=True))(model.params, batch, None)
-    chosen = scores(model, model.params, batch["chosen_input_ids"], batch["chosen_attention_mask"])
-    rejected = scores(
-        model, model.params, batch["rejected_input_ids"], batch["rejected_attention_mask"]
+    out = train_setup.make_eval_step(reward, model, make_config(margin=True))(
+        model.params, batch, None
     )
+    side = lambda i: [batch[n][:, i] for n in ("input_ids", "attention_mask")]  # [batch, 2, seq]
+    chosen, rejected = scores(model, model.params, *side(0)), scores(model, model.params, *side(1))
     # -log sigmoid(r_w - r_l - m), written out.
     expected = np.log1p(np.exp(-(chosen - rejected - margin))).sum()
     np.testing.assert_allclose(float(out["loss"][0]), expected, rtol=1e-4)
     np.testing.assert_allclose(float(out["rewards/accuracy"][0]), (chosen > rejected).sum())
-    no_margin = reward.make_eval_step(model, make_config())(model.params, batch, None)
+    no_margin = train_setup.make_eval_step(reward, model, make_config())(model.params, batch, None)
     assert float(no_margin["loss"][0]) < float(out["loss"][0])  # a margin makes it harder
     gold = batch["chosen_gold_reward"] - batch["rejected_gold_reward"]
     np.testing.assert_allclose(
@@ -63,7 +64,9 @@ def test_bradley_terry_with_margin_matches_independent(model):
 def test_plackett_luce_matches_independent(model):
     ds = data.RepeatTask().listwise_dataset(TOK, 4, num_responses=3, seed=1)
     batch = data.collate(ds, np.arange(4), SEQ)
-    out = reward.make_eval_step(model, make_config(loss="plackett_luce"))(model.params, batch, None)
+    out = train_setup.make_eval_step(reward, model, make_config(loss="plackett_luce"))(
+        model.params, batch, None
+    )
     flat = lambda n: np.asarray(batch[n]).reshape(12, SEQ)
     s = scores(model, model.params, flat("input_ids"), flat("attention_mask")).reshape(4, 3)
     expected = losses.plackett_luce_loss(s, mask=batch["response_mask"])
@@ -100,7 +103,7 @@ def test_reward_model_reaches_bradley_terry_ceiling():
     config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 20
     config.train.num_steps = 300
-    setup = reward.setup(config, model, SINGLE, jax.random.key(1))
+    setup = train_setup.build_setup(config, model, SINGLE, jax.random.key(1), reward)
     it = data.BatchIterator(train, 64, seed=0, buckets=(SEQ,), process_index=0, process_count=1)
     state = setup.state
     for _ in range(config.train.num_steps):

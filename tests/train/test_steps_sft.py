@@ -13,6 +13,7 @@ from experiments.configs import common as config_common
 from prefjax import data, models
 from prefjax import sharding as shd
 from prefjax.train import optim, sft
+from prefjax.train import setup as train_setup
 from prefjax.train.state import TrainState
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -52,7 +53,7 @@ def batch():
 
 
 def test_sft_loss_is_token_mean_nll(model, batch):
-    out = sft.make_eval_step(model, make_config())(model.params, batch, None)
+    out = train_setup.make_eval_step(sft, model, make_config())(model.params, batch, None)
     logits = np.asarray(model.apply(model.params, batch["input_ids"], batch["attention_mask"]))
     logits = logits[:, :-1].astype(np.float64)
     logz = np.log(np.exp(logits).sum(-1))
@@ -67,7 +68,7 @@ def test_sft_accumulation_is_exact_with_unequal_token_counts(model, batch):
     def one_step(accum):
         config = make_config()
         config.optimizer.grad_accum_steps = accum
-        setup = sft.setup(config, model, SINGLE, jax.random.key(1))
+        setup = train_setup.build_setup(config, model, SINGLE, jax.random.key(1), sft)
         state = TrainState.create(params=jax.tree.map(jnp.copy, model.params), tx=setup.state.tx)
         state, metrics = setup.train_step(state, batch, None, jax.random.key(2))
         return jax.device_get(state.params), jax.device_get(metrics)
