@@ -3,6 +3,7 @@ experiments -> prefjax.train -> prefjax.rollout -> prefjax.models | data | losse
 prefjax.tokenizer, the siblings of a layer independent of each other."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,3 +83,19 @@ def test_no_imports_inside_functions_but_the_listed_lazy_ones():
     assert used == set(LAZY_IMPORTS), (
         f"listed but never imported lazily: {set(LAZY_IMPORTS) - used}"
     )
+
+
+def test_configs_are_read_as_attributes_not_string_paths():
+    """No ``get(config, "a.b", default)`` getters: a default there could disagree with the
+    field's one definition (``default_config()`` / ``base_config``)."""
+    pattern = re.compile(r"\bget\(\s*config\s*,\s*[\"']")
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "prefjax")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    for number, line in enumerate(f, 1):
+                        if pattern.search(line):
+                            offenders.append(f"{os.path.relpath(path, ROOT)}:{number}")
+    assert not offenders, offenders
