@@ -46,10 +46,11 @@ from prefjax.train import common, loop
 from prefjax.train.common import Batch, Metrics, Objective, Stats, safe_div
 from prefjax.train.errors import ConfigError
 from prefjax.train.reference import precompute_reference_logps  # noqa: F401  (public name)
+from prefjax.train.setup import REFERENCE_KINDS
 
 SPECIAL_LOSSES = ("listwise", "kto", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")
-REFERENCES = ("copy", "lora_base", "precomputed", "none")
+REFERENCES = REFERENCE_KINDS  # every kind the set-up knows; DPO's validation picks per loss
 
 # The Algorithm protocol (see prefjax.train): what the loop asks of this module.
 NAME = "dpo"

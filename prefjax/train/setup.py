@@ -18,7 +18,7 @@ from prefjax.train import common, optim
 from prefjax.train.common import Setup
 
 # Reference kinds an algorithm's ``reference(config)`` may return.
-REFERENCE_KINDS = ("none", "copy", "lora_base", "precomputed")
+REFERENCE_KINDS = ("copy", "lora_base", "precomputed", "none")
 
 
 def make_train_step(
