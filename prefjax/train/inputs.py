@@ -33,9 +33,11 @@ from prefjax.train import common, evaluation
 _OVERSAMPLE = 1.3
 
 
-def build_model(config, key: jax.Array, *, head: str = "lm"):
-    """``(model, tokenizer)`` from ``config.model``."""
-    model = common.build_model(config, key=key, head=head)
+def build_model(config, key: jax.Array, *, head: str = "lm", mesh=None):
+    """``(model, tokenizer)`` from ``config.model``; with ``mesh`` the parameters are born
+    sharded by ``config.mesh.rules`` (a preset through ``eval_shape`` and a jitted init with
+    sharded outputs, a local HF folder placed shard by shard), never whole on one device."""
+    model = common.build_model(config, key=key, head=head, mesh=mesh)
     if config.model.path:
         tokenizer = models.load_tokenizer(config.model.path)
     else:

@@ -279,12 +279,15 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
     if _model is not None:  # a stage of a larger run shares the model (and its compiled code)
         model, tokenizer = _model
     else:
-        model, tokenizer = inputs.build_model(config, model_key, head=derived.head)
+        # Born sharded on the mesh: no device ever holds a whole unsharded parameter.
+        model, tokenizer = inputs.build_model(config, model_key, head=derived.head, mesh=mesh)
     try:
         params = _initial_params(config, model, tokenizer, wd, init_params)
     except StagePreempted as p:
         return p.result._replace(workdir=workdir)
-    if params is not None:
+    if params is not None:  # host arrays (init_from) or another stage's: placed like the model's
+        rules = sharding.rules_from_config(config.mesh)
+        params = sharding.shard_params(mesh, params, model.param_axes, rules)
         model = inputs.with_params(model, params)
 
     data = inputs.build_data(config, tokenizer, derived.batch_kind, generate=derived.head == "lm")
