@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,36 +44,33 @@ def merge_metric_sums(
 
 
 def finalize_metrics(sums: Mapping[str, tuple[float, float]]) -> dict[str, float]:
-    """``{name: sum / count}``, with the ``length_bias/*`` moments turned into a correlation.
+    """``{name: sum / count}`` on the host (0 where the count is 0).
 
-    >>> sums = {"loss": (3.0, 4.0), "length_bias/x": (2.0, 2.0), "length_bias/y": (4.0, 2.0),
-    ...         "length_bias/xy": (8.0, 2.0), "length_bias/xx": (10.0, 2.0),
-    ...         "length_bias/yy": (10.0, 2.0)}
-    >>> {k: round(v, 3) for k, v in finalize_metrics(sums).items()}   # x=(3,-1), y=(3,1)
-    {'loss': 0.75, 'length_bias/corr': 1.0}
+    The loop finalises with the algorithm's own ``objective.finalize`` instead (the means plus
+    the metrics derived from them, as in the train step); this is the plain mean.
+
+    >>> finalize_metrics({"loss": (3.0, 4.0), "rewards/accuracy": (6.0, 8.0)})
+    {'loss': 0.75, 'rewards/accuracy': 0.75}
     """
-    out: dict[str, float] = {}
-    moments: dict[str, float] = {}
-    for name, (num, den) in sums.items():
-        mean = float(num) / float(den) if float(den) else 0.0
-        if name.startswith("length_bias/"):
-            moments[name.split("/", 1)[1]] = mean
-        else:
-            out[name] = mean
-    if {"x", "y", "xy", "xx", "yy"} <= set(moments):
-        m = moments
-        cov = m["xy"] - m["x"] * m["y"]
-        var = (m["xx"] - m["x"] ** 2) * (m["yy"] - m["y"] ** 2)
-        out["length_bias/corr"] = cov / math.sqrt(var) if var > 1e-12 else 0.0
-    return out
+    return {
+        name: float(num) / float(den) if float(den) else 0.0 for name, (num, den) in sums.items()
+    }
 
 
-def evaluate_batches(eval_step: Any, params: Any, batches: Iterable[Any], frozen: Any) -> dict:
-    """Runs a (jitted) eval step over ``batches`` and returns exact means."""
+def evaluate_batches(
+    eval_step: Any, params: Any, batches: Iterable[Any], frozen: Any, *, finalize: Any = None
+) -> dict:
+    """Runs a (jitted) eval step over ``batches`` and returns exact means.
+
+    ``finalize``: the objective's finalisation (``setup.objective.finalize``, which adds the
+    derived metrics such as ``rewards/std``); default :func:`finalize_metrics`.
+    """
     total: dict[str, tuple[float, float]] = {}
     for batch in batches:
         total = merge_metric_sums(total, eval_step(params, batch, frozen))
-    return finalize_metrics(total)
+    if finalize is None:
+        return finalize_metrics(total)
+    return {name: float(value) for name, value in finalize(total).items()}
 
 
 def response_length_stats(mask: Any, *, prefix: str = "length") -> dict[str, float]:
@@ -141,9 +137,51 @@ def generate(
     return np.asarray(out.tokens), np.asarray(out.mask)
 
 
-def _strip_prompt(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+def unpad(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    """Rows of ``ids`` without their masked (padding) positions, as lists of ints."""
     rows = zip(ids, mask, strict=True)
     return [[int(t) for t, m in zip(row, mrow, strict=True) if m] for row, mrow in rows]
+
+
+def score_generations(
+    model: Any,
+    params: Any,
+    task: Any,
+    tokenizer: Any,
+    prompt_batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    key: jax.Array | None = None,
+    lora: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decodes a response to every prompt and scores it with the task's gold reward.
+
+    Args: as :func:`gold_reward_of_generations`.
+
+    Returns:
+      ``(rewards [batch] float64, tokens [batch, new], response_mask [batch, new])``; a reward is
+      ``nan`` where the task cannot score the response (the bandit: not an arm).
+    """
+    ids = np.asarray(prompt_batch["prompt_input_ids"])
+    mask = np.asarray(prompt_batch["prompt_attention_mask"])
+    tokens, response_mask = generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+        greedy=greedy,
+        temperature=temperature,
+        key=key,
+        lora=lora,
+    )
+    rewards = task.gold_rewards_from_tokens(
+        tokenizer, unpad(ids, mask), unpad(tokens, response_mask)
+    ).astype(np.float64)
+    return rewards, tokens, response_mask
 
 
 def gold_reward_of_generations(
@@ -173,25 +211,27 @@ def gold_reward_of_generations(
       bandit's gold reward is ``nan`` for a response that is not an arm, so those are averaged
       over arm responses only and ``prefix/valid_fraction`` reports how many were.
     """
-    ids = np.asarray(prompt_batch["prompt_input_ids"])
-    mask = np.asarray(prompt_batch["prompt_attention_mask"])
-    tokens, response_mask = generate(
+    rewards, tokens, response_mask = score_generations(
         model,
         params,
-        ids,
-        mask,
+        task,
+        tokenizer,
+        prompt_batch,
         max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id,
         greedy=greedy,
         temperature=temperature,
         key=key,
         lora=lora,
     )
-    rewards = task.gold_rewards_from_tokens(
-        tokenizer, _strip_prompt(ids, mask), _strip_prompt(tokens, response_mask)
-    ).astype(np.float64)
+    return summarize_generations(rewards, tokens, response_mask, tokenizer.eos_id, prefix=prefix)
+
+
+def summarize_generations(
+    rewards: np.ndarray, tokens: np.ndarray, response_mask: np.ndarray, eos_id: int, *, prefix: str
+) -> dict[str, float]:
+    """Mean/std gold reward over the scorable responses, EOS fraction and length statistics."""
     valid = np.isfinite(rewards)
-    eos = ((tokens == tokenizer.eos_id) & (response_mask > 0)).any(-1)
+    eos = ((tokens == eos_id) & (response_mask > 0)).any(-1)
     out = {
         f"{prefix}/reward": float(rewards[valid].mean()) if valid.any() else float("nan"),
         f"{prefix}/reward_std": float(rewards[valid].std()) if valid.any() else float("nan"),

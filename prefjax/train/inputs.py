@@ -383,33 +383,24 @@ def task_metrics(setup, params, eval_data: EvalData, config, key=None) -> dict:
 
 def _gold(model, base, lora, task, tokenizer, eval_data, config) -> dict:
     """Gold reward of greedy responses to held-out (and train) prompts, one decode for both."""
-    batch = eval_data.prompts
-    tokens, mask = evaluation.generate(
+    rewards, tokens, mask = evaluation.score_generations(
         model,
         base,
-        batch["prompt_input_ids"],
-        batch["prompt_attention_mask"],
+        task,
+        tokenizer,
+        eval_data.prompts,
         max_new_tokens=config.eval.max_new_tokens,
-        eos_id=tokenizer.eos_id,
         lora=lora,
     )
-    ids = _unpad(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-    rewards = task.gold_rewards_from_tokens(tokenizer, ids, _unpad(tokens, mask))
     n, m = eval_data.num_eval_prompts, eval_data.num_train_prompts
-    eos = ((tokens == tokenizer.eos_id) & (mask > 0)).any(-1)
+    held = evaluation.summarize_generations(
+        rewards[:n], tokens[:n], mask[:n], tokenizer.eos_id, prefix="gold"
+    )
     out = {
-        "eval/gold_reward": float(np.nanmean(rewards[:n])),
-        "eval/length/generated": float(mask[:n].sum(-1).mean()),
-        "eval/eos_fraction": float(eos[:n].mean()),
+        "eval/gold_reward": held["gold/reward"],
+        "eval/length/generated": held["gold/length/mean"],
+        "eval/eos_fraction": held["gold/eos_fraction"],
     }
     if m:
         out["eval/gold_reward_train_prompts"] = float(np.nanmean(rewards[n : n + m]))
     return out
-
-
-def _unpad(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-    """Rows of ``ids`` without their masked (padding) positions."""
-    return [
-        [int(t) for t, k in zip(row, mrow, strict=True) if k]
-        for row, mrow in zip(ids, mask, strict=True)
-    ]
