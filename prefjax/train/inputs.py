@@ -4,7 +4,9 @@
   its tokenizer (the built-in byte tokenizer for presets);
 * :func:`build_data` -- train and held-out datasets of the batch kind the algorithm reads
   (``sft``, ``pairwise``, ``listwise``, ``unpaired``), from a built-in task (``sequence``,
-  ``bandit``) or local files, split by prompt so no prompt is on both sides;
+  ``bandit``) or local files, split by prompt so no prompt is on both sides
+  (:func:`prefjax.data.datasets_from_config`, the one function that builds them), plus the
+  held-out prompts decoded for the built-in tasks' gold reward;
 * :func:`task_metrics` -- the built-in tasks' ground-truth metrics of a policy (gold reward of
   greedy responses on held-out and train prompts, sampled KL to the reference, and for the bandit
   ``KL(pi_theta || pi*)`` to the closed-form optimum).
@@ -25,12 +27,7 @@ import numpy as np
 
 from prefjax import data as pdata
 from prefjax import models
-from prefjax.data import readers
-from prefjax.data.splits import group_key
 from prefjax.train import common, evaluation
-
-# Extra examples generated per requested one before the grouped split keeps each side's share.
-_OVERSAMPLE = 1.3
 
 
 def build_model(config, key: jax.Array, *, head: str = "lm", mesh=None):
@@ -101,116 +98,6 @@ class Data:
         )
 
 
-def _split_prompts(prompts: list[str], fraction: float, seed: int) -> set[str]:
-    """A deterministic ``fraction`` (at least one) of ``prompts`` held out."""
-    prompts = sorted(set(prompts))
-    if len(prompts) < 2:
-        return set()
-    rng = np.random.default_rng([seed, 7919])
-    count = min(max(1, round(fraction * len(prompts))), len(prompts) - 1)
-    return set(np.asarray(prompts, dtype=object)[rng.permutation(len(prompts))[:count]])
-
-
-def _as_sft(row, kind: str):
-    """The SFT example a normalised ``kind`` row prefers, or ``None``: a pair's chosen response,
-    a ranking's best response, an unpaired example's completion if it is desirable.
-
-    ``prompt_id`` is optional in every schema, so it is carried only when the row has one
-    (otherwise splits group by prompt text); a file's row keeps its file and line for errors.
-    """
-    if kind == "pairwise":
-        completion = row["chosen"]
-    elif kind == "listwise":
-        completion = row["responses"][row["ranking"][0]]
-    elif row["label"] == 1:  # unpaired
-        completion = row["completion"]
-    else:
-        return None  # an undesirable response is not imitated
-    out = {"prompt": row["prompt"], "completion": completion}
-    if row.get("prompt_id") is not None:
-        out["prompt_id"] = row["prompt_id"]
-    if isinstance(row, pdata.Row):
-        return pdata.Row(out, row.source, row.index, row.index_kind)
-    return out
-
-
-def _records(task, kind: str, num: int, seed: int, sft_responses: str = "chosen") -> list[dict]:
-    if kind == "pairwise":
-        return task.pairwise_records(num, seed=seed)
-    if kind == "listwise":
-        return task.listwise_records(num, seed=seed)
-    if kind == "unpaired":
-        return task.unpaired_records(num, seed=seed)
-    if kind == "sft" and sft_responses == "base":
-        return task.sft_records(num, seed=seed)
-    if kind == "sft":
-        # SFT imitates the preferred responses: the chosen side of the task's labelled pairs.
-        return [_as_sft(r, "pairwise") for r in task.pairwise_records(num, seed=seed)]
-    raise ValueError(f"unknown batch kind {kind!r}")
-
-
-def _make_task(config):
-    noise = float(config.data.label_noise)
-    if config.data.task == "bandit":
-        return pdata.Bandit.make(seed=config.data.seed, flip_prob=noise)
-    return pdata.RepeatTask(
-        letters=config.data.sequence_letters,
-        max_count=config.data.sequence_max_count,
-        flip_prob=noise,
-    )
-
-
-def _task_split(config, task, kind: str):
-    """Train and held-out records of a built-in task, grouped by prompt."""
-    d = config.data
-    prompts = list(task.prompts)
-    held_out = _split_prompts(prompts, d.eval_fraction, d.seed)
-    if not held_out:  # one prompt (the default bandit): fresh samples for the same prompt
-        return (
-            _records(task, kind, d.num_train, d.seed, d.sft_responses),
-            _records(task, kind, d.num_eval, d.seed + 1_000_003, d.sft_responses),
-            held_out,
-        )
-    frac = len(held_out) / len(prompts)
-    train, evals, seed = [], [], d.seed
-    while len(train) < d.num_train or len(evals) < d.num_eval:
-        need = max((d.num_train - len(train)) / (1 - frac), (d.num_eval - len(evals)) / frac)
-        for r in _records(task, kind, int(need * _OVERSAMPLE) + 8, seed, d.sft_responses):
-            (evals if r["prompt"] in held_out else train).append(r)
-        seed += 1_000_003
-    return train[: d.num_train], evals[: d.num_eval], held_out
-
-
-def _read_files(paths: str, kind: str, config, tokenizer, field: str):
-    files = [p.strip() for p in paths.split(",") if p.strip()]
-    records = []
-    for path in files:
-        file_kind = kind
-        if kind == "sft":
-            # The file's kind is its rows' majority, so one odd first row does not decide it.
-            file_kind = pdata.detect_kind_of_rows(readers.read_records(path))
-        if file_kind in ("pairwise", "listwise", "unpaired") and kind == "sft":
-            # SFT (or the SFT warm-up before DPO) on a feedback file imitates what it prefers.
-            rows = (_as_sft(r, file_kind) for r in readers.read_records(path, file_kind))
-            records.extend(r for r in rows if r is not None)
-        else:
-            records.extend(readers.read_records(path, kind))
-    if not records:
-        raise ValueError(f"config.data.{field}={paths!r}: no examples")
-    return records
-
-
-def _tokenize(records, tokenizer, kind, config, *, append_eos=True):
-    return pdata.tokenize(
-        records,
-        tokenizer,
-        kind,
-        max_len=config.data.max_len,
-        max_prompt_len=config.data.max_prompt_len,
-        append_eos=append_eos,
-    )
-
-
 def _prompt_batch(prompts: list[str], tokenizer, config):
     """Left-padded prompts (padded with repeats to a multiple of 8 rows for any mesh)."""
     records = [{"prompt": p, "prompt_id": p} for p in prompts]
@@ -236,47 +123,17 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
     """Train and held-out data of ``kind`` from ``config.data``; ``generate``: the policy is a
     language model whose responses can be decoded and scored (``config.eval.generate``)."""
     d = config.data
-    task, prompts, num_eval_prompts, num_train_prompts = None, None, 0, 0
-    sample_prompts = None
-    if d.task == "files":
-        train_records = _read_files(d.train_files, kind, config, tokenizer, "train_files")
-        if d.eval_files:
-            eval_records = _read_files(d.eval_files, kind, config, tokenizer, "eval_files")
-            leakage = pdata.check_leakage(train_records, eval_records)
-            if leakage.leaks:
-                raise ValueError(
-                    f"config.data.eval_files={d.eval_files!r} shares prompts with "
-                    f"config.data.train_files={d.train_files!r}:\n{leakage.summary()}"
-                )
-        else:
-            if len({group_key(r) for r in train_records}) < 2:
-                raise ValueError(
-                    f"config.data.train_files={d.train_files!r}: one distinct prompt cannot be "
-                    "split into train and eval; give config.data.eval_files"
-                )
-            train_records, eval_records = pdata.grouped_split(
-                train_records, eval_fraction=d.eval_fraction, seed=d.seed
-            )
-        append_eos = True
-    else:
-        task = _make_task(config)
-        train_records, eval_records, held_out = _task_split(config, task, kind)
-        append_eos = not isinstance(task, pdata.Bandit)
-        if config.eval.generate and generate:
-            n = config.eval.num_prompts
-            evp = sorted(held_out)[:n] if held_out else list(task.prompts)[:n]
-            trp = sorted(set(task.prompts) - held_out)[:n] if held_out else []
-            num_eval_prompts, num_train_prompts = len(evp), len(trp)
-            prompts = _prompt_batch(evp + trp, tokenizer, config)
-            reps = -(-config.eval.num_samples // len(evp))
-            sample_prompts = _prompt_batch(
-                (evp * reps)[: config.eval.num_samples], tokenizer, config
-            )
-    train = _tokenize(train_records, tokenizer, kind, config, append_eos=append_eos)
-    held = _tokenize(eval_records, tokenizer, kind, config, append_eos=append_eos)
-    leak = set(train["prompt_id"]) & set(held["prompt_id"])
-    if leak and (d.task == "files" or len(getattr(task, "prompts", ())) > 1):
-        raise ValueError(f"config.data: {len(leak)} prompts are in both train and eval splits")
+    splits = pdata.datasets_from_config(d, tokenizer, kind)
+    train, held, task, held_out = splits.train, splits.eval, splits.task, splits.held_out
+    prompts, num_eval_prompts, num_train_prompts, sample_prompts = None, 0, 0, None
+    if task is not None and config.eval.generate and generate:
+        n = config.eval.num_prompts
+        evp = sorted(held_out)[:n] if held_out else list(task.prompts)[:n]
+        trp = sorted(set(task.prompts) - held_out)[:n] if held_out else []
+        num_eval_prompts, num_train_prompts = len(evp), len(trp)
+        prompts = _prompt_batch(evp + trp, tokenizer, config)
+        reps = -(-config.eval.num_samples // len(evp))
+        sample_prompts = _prompt_batch((evp * reps)[: config.eval.num_samples], tokenizer, config)
     desc = (
         f"{d.task} ({kind}): {len(train)} train / {len(held)} held-out examples, "
         f"{len(set(train['prompt_id']))} / {len(set(held['prompt_id']))} distinct prompts"

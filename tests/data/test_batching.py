@@ -254,23 +254,11 @@ def test_eval_batches_cover_every_example_once(byte_tok):
 
 @pytest.mark.parametrize("task", ["sequence", "bandit", "files"])
 def test_datasets_from_config(byte_tok, tmp_path, task):
-    import ml_collections
-
+    from experiments.configs.common import base_config
     from prefjax.data import datasets_from_config, write_jsonl
 
-    cfg = ml_collections.ConfigDict(
-        dict(
-            task=task,
-            train_files="",
-            eval_files="",
-            max_len=32,
-            max_prompt_len=16,
-            num_train=40,
-            num_eval=8,
-            label_noise=0.1,
-            seed=3,
-        )
-    )
+    cfg = base_config("dpo").data  # the launchers' data block: the same function builds theirs
+    cfg.update(dict(task=task, num_train=40, num_eval=8, label_noise=0.1, seed=3))
     if task == "files":
         recs = RepeatTask().pairwise_records(30, seed=0)
         cfg.train_files = f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"
@@ -281,12 +269,19 @@ def test_datasets_from_config(byte_tok, tmp_path, task):
         recs = list({(r["prompt"], r["chosen"], r["rejected"]): r for r in recs}.values())
         write_jsonl(tmp_path / "a.jsonl", recs[:15])
         write_jsonl(tmp_path / "b.jsonl", recs[15:])
-    train, ev, task_obj = datasets_from_config(cfg, byte_tok)
-    assert train.kind == "pairwise" and train.max_len == 32
+    splits = datasets_from_config(cfg, byte_tok)
+    train, ev, task_obj = splits
+    assert train.kind == ev.kind == "pairwise" and train.max_len == 32
+    # Split by prompt: no prompt on both sides (but the bandit's single prompt).
+    assert bool(set(train["prompt_id"]) & set(ev["prompt_id"])) == (task == "bandit")
     if task == "files":
-        assert task_obj is None and ev is None and len(train) == len(recs)
+        assert task_obj is None and len(train) + len(ev) == len(recs) and len(ev) > 0
     else:
         assert len(train) == 40 and len(ev) == 8 and task_obj.flip_prob == 0.1
+        if task == "sequence":  # held-out prompts are never trained on
+            assert splits.held_out and set(ev["prompt_id"]) <= set(splits.held_out)
+        else:  # the bandit's one prompt: fresh samples of it
+            assert not splits.held_out
     b = next(BatchIterator(train, 8, process_index=0, process_count=1))
     assert b["input_ids"].shape[:2] == (8, 2)
 
