@@ -158,7 +158,9 @@ def score_generations(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decodes a response to every prompt and scores it with the task's gold reward.
 
-    Args: as :func:`gold_reward_of_generations`.
+    Args:
+      task, tokenizer, prompt_batch: as :func:`gold_reward_of_generations`.
+      max_new_tokens, greedy, temperature, key, lora: decoding (:func:`generate`).
 
     Returns:
       ``(rewards [batch] float64, tokens [batch, new], response_mask [batch, new])``; a reward is
@@ -191,12 +193,8 @@ def gold_reward_of_generations(
     tokenizer: Any,
     prompt_batch: Mapping[str, Any],
     *,
-    max_new_tokens: int,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    key: jax.Array | None = None,
-    lora: Any = None,
     prefix: str = "gold",
+    **decode: Any,
 ) -> dict[str, float]:
     """Mean gold reward (and length statistics) of responses decoded for a prompt batch.
 
@@ -205,6 +203,9 @@ def gold_reward_of_generations(
       tokenizer: the tokenizer the prompts were encoded with (``eos_id``, ``decode``).
       prompt_batch: ``prompt_input_ids`` / ``prompt_attention_mask`` ``[batch, prompt]``,
         left-padded (``BatchIterator(..., pad_side="left")`` or ``collate(..., pad_side="left")``).
+      prefix: the metric names' prefix.
+      **decode: :func:`score_generations`' decoding arguments (``max_new_tokens``, ``greedy``,
+        ``temperature``, ``key``, ``lora``).
 
     Returns:
       ``{prefix/reward, prefix/reward_std, prefix/eos_fraction, prefix/length/mean, ...}``; the
@@ -212,16 +213,7 @@ def gold_reward_of_generations(
       over arm responses only and ``prefix/valid_fraction`` reports how many were.
     """
     rewards, tokens, response_mask = score_generations(
-        model,
-        params,
-        task,
-        tokenizer,
-        prompt_batch,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        key=key,
-        lora=lora,
+        model, params, task, tokenizer, prompt_batch, **decode
     )
     return summarize_generations(rewards, tokens, response_mask, tokenizer.eos_id, prefix=prefix)
 
