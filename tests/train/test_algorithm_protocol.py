@@ -111,3 +111,12 @@ def test_derived_values_come_from_the_algorithm():
         "none",
         False,
     )
+
+
+def test_the_algorithm_config_is_validated_once_per_run(tmp_path, monkeypatch):
+    calls = []
+    real = dpo.validate_config
+    monkeypatch.setattr(dpo, "validate_config", lambda config: calls.append(1) or real(config))
+    config = tiny_config(**{"train.num_steps": 1, "train.log_every": 1})
+    assert loop.run(config, str(tmp_path), dpo).step == 1
+    assert len(calls) == 1
