@@ -82,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Reference policy: "copy" (frozen copy) | "lora_base" (adapters off) | "precomputed" (one pass
     # before training stores reference log-probs beside the data) | "none" (ORPO, SimPO).
     algo.reference = "copy"
+    # reference="precomputed": a directory where the reference log-probs are kept between runs,
+    # keyed by the reference weights, the tokenised data and the sequence layout ("" = no cache;
+    # see prefjax.train.reference).
+    algo.reference_cache_dir = ""
     # ORPO: weight of the NLL term on the chosen response.
     algo.sft_weight = 1.0
     # Pairwise losses: + rpo_alpha * (token-averaged NLL of the chosen response), the RPO

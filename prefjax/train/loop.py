@@ -297,9 +297,14 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
     wd.check_data(run_dir.data_fingerprint([data.train, data.eval.dataset]))
     if derived.reference == "precomputed":
         t0 = time.time()
-        reference.add_reference_logps(config, model, mesh, (data.train, data.eval.dataset))
+        outcomes = reference.add_reference_logps(
+            config, model, mesh, (data.train, data.eval.dataset)
+        )
         if is_main:
-            print(f"{tag}reference log-probs precomputed in {time.time() - t0:.1f}s", flush=True)
+            how = ", ".join(
+                f"{split} {o}" for split, o in zip(("train", "eval"), outcomes, strict=True)
+            )
+            print(f"{tag}reference log-probs ({how}) in {time.time() - t0:.1f}s", flush=True)
 
     if hasattr(algorithm, "setup"):  # its own set-up (extra frozen trees, a wrapped step, ...)
         setup = algorithm.setup(config, model, mesh, setup_key)

@@ -3,36 +3,147 @@
 :func:`precompute_reference_logps` runs the reference once over a dataset; the result becomes
 a dataset column (``ref_logps``, ``[N, 2]`` for pairs and ``[N, K]`` for rankings), so a run
 never holds the reference in memory. :func:`add_reference_logps` does that for a run's
-train and held-out data.
+train and held-out data, and with ``config.algorithm.reference_cache_dir`` set keeps each result
+on disk under a key of what determines it -- a fingerprint of the reference weights, of the
+tokenised dataset and of the sequence layout (batch size and data-parallel split, which set each
+example's padding, the log-prob chunking and the compute dtypes) -- so later runs and sweeps over
+the same reference and data load it instead of recomputing it, and a change to either is a miss.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+import prefjax
 from prefjax import sharding as shd
 from prefjax.data import batching
 from prefjax.train import common
+from prefjax.train import workdir as run_dir
 
 
-def add_reference_logps(config, model, mesh, datasets) -> None:
-    """One reference pass over each dataset (the run's train and held-out data)."""
+def add_reference_logps(config, model, mesh, datasets) -> list[str]:
+    """One reference pass over each dataset (the run's train and held-out data).
+
+    With ``config.algorithm.reference_cache_dir`` set, a dataset whose key (:func:`cache_key`)
+    is already in the cache is loaded from it and a new result is added to it.
+
+    Returns:
+      per dataset, ``"computed"``, ``"cached"`` (computed and stored) or ``"reused"``.
+    """
     chunk = int(config.model.logps_chunk_size)
+    cache_dir = config.algorithm.reference_cache_dir
+    layout = {
+        "batch_size": int(config.data.eval_batch_size),
+        "data_parallel": int(shd.data_parallel_size(mesh)),
+        "logps_chunk_size": chunk,
+        "dtype": config.model.dtype,
+        "param_dtype": config.model.param_dtype,
+        "attention_impl": config.model.attention_impl,
+    }
+    weights = params_fingerprint(model.params) if cache_dir else ""
+    outcomes = []
     for ds in datasets:
-        cols = precompute_reference_logps(
-            model,
-            model.params,
-            ds,
-            batch_size=config.data.eval_batch_size,
-            mesh=mesh,
-            chunk_size=chunk,
-        )
+        path = os.path.join(cache_dir, cache_key(weights, ds, layout) + ".npz") if cache_dir else ""
+        cols = _load(path, ds) if path else None
+        if cols is not None:
+            outcomes.append("reused")
+        else:
+            cols = precompute_reference_logps(
+                model,
+                model.params,
+                ds,
+                batch_size=config.data.eval_batch_size,
+                mesh=mesh,
+                chunk_size=chunk,
+            )
+            if path and jax.process_index() == 0:
+                _store(path, cols, {"weights": weights, "layout": layout, "examples": len(ds)})
+            outcomes.append("cached" if path else "computed")
         ds.add_columns(**cols)
+    return outcomes
+
+
+def params_fingerprint(params: Any) -> str:
+    """A fingerprint of a parameter pytree: its structure, shapes, dtypes and every value.
+
+    Two checksums of each leaf's bits (a plain and a position-weighted sum, modulo 2^32) are
+    computed on the devices where the leaf lives, so sharded or multi-host parameters are never
+    gathered; any change of a value, a shape or the tree changes the result.
+    """
+
+    def checksums(x):
+        bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(-1)
+        weight = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | 1
+        return jnp.stack(
+            [jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)]
+        )
+
+    leaves, treedef = jax.tree.flatten(params)
+    sums = jax.device_get(jax.jit(lambda xs: [checksums(x) for x in xs])(leaves))
+    h = hashlib.sha256(str(treedef).encode())
+    for leaf, pair in zip(leaves, sums, strict=True):
+        h.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+        h.update(np.asarray(pair, np.uint32).tobytes())
+    return "params:" + h.hexdigest()
+
+
+def cache_key(weights: str, dataset: Any, layout: Mapping[str, Any]) -> str:
+    """The cache file name of ``dataset``'s reference log-probs: a SHA-256 of the reference
+    weights' fingerprint, the tokenised dataset's fingerprint (without any ``ref_logps``
+    column) and the sequence layout, plus the prefjax version."""
+    columns = {k: v for k, v in dataset.columns.items() if k != "ref_logps"}
+    data = run_dir.data_fingerprint(
+        [_Columns(dataset.kind, dataset.max_len, columns, len(dataset))]
+    )
+    blob = json.dumps(
+        {"weights": weights, "data": data, "layout": dict(layout), "version": prefjax.__version__},
+        sort_keys=True,
+    )
+    return "ref_logps-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass
+class _Columns:
+    """A dataset's columns without its reference log-probs, for its fingerprint."""
+
+    kind: str
+    max_len: int
+    columns: dict
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _load(path: str, dataset: Any) -> dict[str, np.ndarray] | None:
+    """The cached columns at ``path``, or ``None`` when there are none (a miss)."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        ref_logps = f["ref_logps"]
+    if ref_logps.shape[0] != len(dataset):  # a truncated or foreign file: recompute
+        return None
+    return {"ref_logps": ref_logps}
+
+
+def _store(path: str, columns: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Writes the cache file atomically (a reader sees the whole file or none)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path[: -len(".npz")] + ".json", "w") as f:  # what the key was made of
+        json.dump(dict(meta), f, indent=1, sort_keys=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **columns)
+    os.replace(tmp, path)
 
 
 def precompute_reference_logps(

@@ -68,6 +68,8 @@ FREE_FIELDS = (
     "workdir_default",  # only used when --workdir is not given
     "mesh",  # the device layout (results agree to float rounding; a resumed job may get
     # other hardware)
+    "algorithm.reference_cache_dir",  # where precomputed reference log-probs are kept (a hit
+    # loads exactly what a miss computes)
 )
 # Files a run writes into its directory; a directory holding only these (and no run.json)
 # is one whose very first invocation stopped before it could write run.json.

@@ -18,7 +18,7 @@ import pytest
 from experiments.configs import common as config_common
 from prefjax import data, losses, models
 from prefjax import sharding as shd
-from prefjax.train import dpo, evaluation
+from prefjax.train import dpo, evaluation, reference
 from prefjax.train import setup as train_setup
 from prefjax.train.state import TrainState
 
@@ -557,3 +557,42 @@ def test_dpo_on_bandit_converges_to_closed_form_optimum(beta, model):
     np.testing.assert_allclose(
         end["bandit/objective"], end["bandit/optimal_objective"], atol=0.01 * beta + 1e-3
     )
+
+
+# ------------------------------------------------------------------ reference log-prob cache
+
+
+def test_reference_cache_reuses_and_invalidates(model, tmp_path, monkeypatch):
+    computed = []
+    real = reference.precompute_reference_logps
+    monkeypatch.setattr(
+        reference,
+        "precompute_reference_logps",
+        lambda *a, **k: computed.append(1) or real(*a, **k),
+    )
+    config = make_config(reference="precomputed", reference_cache_dir=str(tmp_path / "cache"))
+    fresh = lambda seed=0: data.RepeatTask().pairwise_dataset(TOK, 12, seed=seed)  # noqa: E731
+    first = fresh()
+    assert reference.add_reference_logps(config, model, SINGLE, [first]) == ["cached"]
+    again = fresh()
+    assert reference.add_reference_logps(config, model, SINGLE, [again]) == ["reused"]
+    assert len(computed) == 1  # the second run never ran the reference
+    np.testing.assert_array_equal(again["ref_logps"], first["ref_logps"])
+    expected = real(model, model.params, fresh(), batch_size=config.data.eval_batch_size)
+    np.testing.assert_array_equal(again["ref_logps"], expected["ref_logps"])
+    # Other data: a miss, computed and stored beside the first entry.
+    other = fresh(seed=1)
+    assert reference.add_reference_logps(config, model, SINGLE, [other]) == ["cached"]
+    # Other reference weights (one value moved by 1e-3): a miss too.
+    leaves, treedef = jax.tree.flatten(model.params)
+    leaves[0] = leaves[0].at[0, 0].add(1e-3)
+    moved = models.Model(model.config, jax.tree.unflatten(treedef, leaves), head=model.head)
+    assert reference.add_reference_logps(config, moved, SINGLE, [fresh()]) == ["cached"]
+    # Another sequence layout (the batch size sets each example's padding): a miss.
+    config.data.eval_batch_size = 4
+    assert reference.add_reference_logps(config, model, SINGLE, [fresh()]) == ["cached"]
+    assert len(computed) == 4
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
+    # Without a cache directory nothing is kept.
+    config.algorithm.reference_cache_dir = ""
+    assert reference.add_reference_logps(config, model, SINGLE, [fresh()]) == ["computed"]
