@@ -42,7 +42,9 @@ def sft_warmup(config):
         if jax.process_index() == 0:
             print(f"SFT warm-up: {warm.train.num_steps} steps in {warm_dir}", flush=True)
         result = loop.run_stage(warm, warm_dir, sft, parent=stage, name="sft warm-up")
-        return jax.device_get(result.setup.policy_params(result.state.params, result.setup.frozen))
+        # The trained policy as it lies on the mesh (same mesh and rules as the next stage): no
+        # host copy of the weights, which a multi-host job could not even gather.
+        return result.setup.policy_params(result.state.params, result.setup.frozen)
 
     return init_params
 
