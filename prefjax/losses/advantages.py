@@ -73,6 +73,28 @@ class _ReverseCarry(NamedTuple):
     next_acc: jax.Array  # [batch]
 
 
+class _GAECarry(NamedTuple):
+    """Scan carry of :func:`gae`: the next real token's value and advantage, and the constants."""
+
+    next_value: jax.Array  # [batch]; the bootstrap past the last real token
+    next_adv: jax.Array  # [batch]; 0 past the end
+    gamma: jax.Array  # scalar
+    gamma_lam: jax.Array  # scalar
+
+
+def _gae_step(carry: _GAECarry, x):
+    """One backward GAE step: the TD error and the advantage at a real token, in one pass (no
+    gather of the next real value); a module-level function so eager calls reuse the scan."""
+    reward, value, real, not_done = x  # each [batch]
+    delta = reward + carry.gamma * not_done * carry.next_value - value
+    adv = delta + carry.gamma_lam * not_done * carry.next_adv
+    carry = carry._replace(
+        next_value=jnp.where(real, value, carry.next_value),
+        next_adv=jnp.where(real, adv, carry.next_adv),
+    )
+    return carry, jnp.where(real, adv, 0.0)
+
+
 def _check_unit_interval(name: str, value) -> None:
     """Rejects a Python-number hyperparameter outside [0, 1] (traced values pass unchecked)."""
     if isinstance(value, numbers.Real) and not 0.0 <= float(value) <= 1.0:
@@ -129,15 +151,40 @@ def _reverse_step(carry: _ReverseCarry, x):
     return _ReverseCarry(acc), jnp.where(real, acc, 0.0)
 
 
-def _reverse_discounted_sum(deltas: jax.Array, discounts: jax.Array, mask: jax.Array) -> jax.Array:
+ALGORITHMS = ("scan", "associative")
+
+
+def _reverse_discounted_sum(
+    deltas: jax.Array, discounts: jax.Array, mask: jax.Array, algorithm: str = "scan"
+) -> jax.Array:
     r"""Masked reverse recursion :math:`y_t = \delta_t + c_t\,y_{t+1}` over real tokens.
 
-    Masked positions output 0 and pass :math:`y_{t+1}` through unchanged.
-    """
+    Masked positions output 0 and pass :math:`y_{t+1}` through unchanged. ``algorithm``:
 
+    * ``"scan"`` -- one reverse ``lax.scan`` over time, vectorised over the batch (``seq``
+      dependent steps);
+    * ``"associative"`` -- the same linear recurrence as a composition of affine maps
+      :math:`y \mapsto a_t y + b_t` (:math:`a_t = c_t, b_t = \delta_t` on real tokens and the
+      identity :math:`a_t = 1, b_t = 0` on masked ones), which is associative:
+      :math:`(a_t, b_t) \circ (a_{t+1}, b_{t+1}) = (a_t a_{t+1},\; b_t + a_t b_{t+1})`, so
+      ``lax.associative_scan`` evaluates every suffix in :math:`O(\log seq)` parallel steps.
+    """
     # One dtype for the carry and its update (scan requires it): the promoted one of both inputs.
     dtype = jnp.result_type(deltas, discounts)
     deltas, discounts = deltas.astype(dtype), discounts.astype(dtype)
+    if algorithm == "associative":
+        a = jnp.where(mask, discounts, 1.0).astype(dtype)
+        b = jnp.where(mask, deltas, 0.0).astype(dtype)
+
+        def compose(later, earlier):
+            # reverse=True hands (the later suffix, the earlier element): earlier applied last.
+            (a_late, b_late), (a_early, b_early) = later, earlier
+            return a_early * a_late, b_early + a_early * b_late
+
+        _, ys = jax.lax.associative_scan(compose, (a, b), reverse=True, axis=1)
+        return jnp.where(mask, ys, 0.0)
+    if algorithm != "scan":
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     init = _ReverseCarry(jnp.zeros(deltas.shape[:1], dtype))
     # [batch, seq] -> [seq, batch]: scan over time, vectorised over the batch.
     xs = (deltas.T, discounts.T, mask.T)
@@ -154,6 +201,7 @@ def gae(
     lam: float,
     bootstrap_value: ArrayLike | None = None,
     dones: ArrayLike | None = None,
+    algorithm: str = "scan",
 ) -> GAEOutput:
     r"""Generalized Advantage Estimation over token sequences (Schulman et al., 2016).
 
@@ -170,8 +218,12 @@ def gae(
     recursion at episode ends inside a row. :math:`\lambda = 0` gives the one-step TD error
     :math:`\delta_t`; :math:`\lambda = 1` the discounted return minus the value.
 
-    The TD errors are computed vectorised; one reverse ``jax.lax.scan`` over time (vectorised over
-    the batch) accumulates them.
+    ``algorithm="scan"`` (the reference form) runs one reverse ``jax.lax.scan`` over time
+    (vectorised over the batch) that carries the next real token's value and advantage, so the
+    TD error and the advantage of each token come out of the same step;
+    ``algorithm="associative"`` evaluates the same linear recurrence with
+    ``jax.lax.associative_scan`` (``O(log seq)`` parallel steps instead of ``seq`` dependent
+    ones: what a GPU or TPU wants for long responses). Both agree to float32 rounding.
 
     Args:
       rewards: ``[batch, seq]`` per-token rewards (e.g. from :func:`kl_shaped_rewards`).
@@ -183,6 +235,8 @@ def gae(
         truncated rollouts; default 0 (the response ended).
       dones: optional ``[batch, seq]``, 1 at a real token after which the episode terminated
         (read only where ``mask`` is set).
+      algorithm: ``"scan"`` (reverse ``lax.scan``) or ``"associative"``
+        (``lax.associative_scan``).
 
     Returns:
       :class:`GAEOutput` ``(advantages, returns)``, each ``[batch, seq]`` float32, 0 where masked.
@@ -212,10 +266,24 @@ def gae(
     bootstrap = _optional_row(bootstrap_value, rewards, "bootstrap_value")
     not_done = 1.0 - _optional_dones(dones, mask).astype(rewards.dtype)
 
-    next_values = _next_real_values(values, mask, bootstrap)  # [batch, seq]
-    # TD errors, vectorised; masked positions hold 0 (never read by the scan).
-    deltas = jnp.where(mask, rewards + gamma * not_done * next_values - values, 0.0)
-    advantages = _reverse_discounted_sum(deltas, gamma * lam * not_done, mask)
+    if algorithm == "scan":
+        # One reverse scan carries the next real token's value and advantage (no gather).
+        dtype = jnp.result_type(rewards, values, bootstrap)
+        init = _GAECarry(
+            bootstrap.astype(dtype),
+            jnp.zeros(rewards.shape[:1], dtype),
+            jnp.asarray(gamma, dtype),
+            jnp.asarray(gamma * lam, dtype),
+        )
+        # [batch, seq] -> [seq, batch]: scan over time, vectorised over the batch.
+        xs = (rewards.astype(dtype).T, values.astype(dtype).T, mask.T, not_done.astype(dtype).T)
+        _, advantages = jax.lax.scan(_gae_step, init, xs, reverse=True)
+        advantages = advantages.T
+    else:
+        next_values = _next_real_values(values, mask, bootstrap)  # [batch, seq]
+        # TD errors, vectorised; masked positions hold 0 (never read by the recurrence).
+        deltas = jnp.where(mask, rewards + gamma * not_done * next_values - values, 0.0)
+        advantages = _reverse_discounted_sum(deltas, gamma * lam * not_done, mask, algorithm)
     returns = jnp.where(mask, advantages + values, 0.0)
     return GAEOutput(advantages, returns)
 
@@ -227,6 +295,7 @@ def discounted_returns(
     gamma: float,
     bootstrap_value: ArrayLike | None = None,
     dones: ArrayLike | None = None,
+    algorithm: str = "scan",
 ) -> jax.Array:
     r"""Discounted return-to-go over the real tokens of each row (Monte Carlo returns).
 
@@ -242,6 +311,7 @@ def discounted_returns(
       mask: ``[batch, seq]``, 1 on real (action) tokens.
       gamma: discount in ``[0, 1]``.
       bootstrap_value: optional ``[batch]`` value after the last real token (default 0).
+      algorithm: ``"scan"`` or ``"associative"``, as in :func:`gae`.
       dones: optional ``[batch, seq]`` episode ends (see :func:`gae`).
 
     Returns:
@@ -265,7 +335,7 @@ def discounted_returns(
     zeros = jnp.zeros_like(rewards)
     next_boot = _next_real_values(zeros, mask, bootstrap)  # bootstrap after the last real token
     deltas = jnp.where(mask, rewards + gamma * not_done * next_boot, 0.0)
-    return _reverse_discounted_sum(deltas, gamma * not_done, mask)
+    return _reverse_discounted_sum(deltas, gamma * not_done, mask, algorithm)
 
 
 def _grouped(rewards: ArrayLike, group_size: int, *, min_size: int) -> jax.Array:

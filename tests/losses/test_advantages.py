@@ -14,7 +14,7 @@ from prefjax.losses import discounted_returns, gae, group_advantages, rloo_advan
 
 # Most checks call the jitted function (gamma and lam traced: one compilation per shape), which
 # is also how a train step calls it; the doctests and a few tests below exercise eager mode.
-_gae_jit = jax.jit(gae)
+_gae_jit = jax.jit(gae, static_argnames="algorithm")
 
 
 def _random_case(seed, batch=3, seq=7, layout="holes", min_length=1):
@@ -55,7 +55,8 @@ def _mid_row_dones(rng, mask, per_row=2):
     ],
     ids=["llm-default", "bootstrap", "bootstrap+dones", "dones"],
 )
-def test_gae_matches_loop_reference_under_jit(layout, gamma, lam, bootstrap, with_dones):
+@pytest.mark.parametrize("algorithm", ["scan", "associative"])
+def test_gae_matches_loop_reference_under_jit(layout, gamma, lam, bootstrap, with_dones, algorithm):
     # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), so a failure would not
     # reproduce.
     seed = zlib.crc32(f"{layout}/{gamma}/{lam}/{bootstrap}/{with_dones}".encode())
@@ -68,7 +69,9 @@ def test_gae_matches_loop_reference_under_jit(layout, gamma, lam, bootstrap, wit
         inside = [np.sum((dones * mask)[b, : last_real[b]]) for b in range(mask.shape[0])]
         assert sum(n >= 2 for n in inside) >= 2, inside
     fn = jax.jit(
-        lambda r, v, m, b, d: gae(r, v, m, gamma=gamma, lam=lam, bootstrap_value=b, dones=d)
+        lambda r, v, m, b, d: gae(
+            r, v, m, gamma=gamma, lam=lam, bootstrap_value=b, dones=d, algorithm=algorithm
+        )
     )
     adv, ret = fn(rewards, values, mask, boot, dones)
     ref_adv, ref_ret = gae_reference(
@@ -283,3 +286,38 @@ def test_gae_vmap_and_eager_agree_with_jit():
         for a, b, c in zip(stacked, eager, jitted, strict=True):
             np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(c, b, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),  # seed
+    st.floats(0.0, 1.0),  # gamma
+    st.floats(0.0, 1.0),  # lam
+    st.sampled_from(["holes", "right", "left"]),
+    st.sampled_from([1, 5, 16, 63]),  # seq (few shapes: few compilations)
+    st.booleans(),  # dones inside rows
+)
+def test_gae_associative_scan_equals_the_reverse_scan(seed, gamma, lam, layout, seq, with_dones):
+    """The parallel form (lax.associative_scan) equals the reference reverse scan to float32
+    rounding on ragged masks and episode boundaries, for GAE and the discounted returns."""
+    rewards, values, mask = _random_case(seed, batch=4, seq=seq, layout=layout)
+    rng = np.random.default_rng(seed)
+    dones = _mid_row_dones(rng, mask) if with_dones else None
+    boot = rng.normal(size=4).astype(np.float32)
+    kw = dict(gamma=gamma, lam=lam, bootstrap_value=boot, dones=dones)
+    scan = _gae_jit(rewards, values, mask, **kw)
+    parallel = _gae_jit(rewards, values, mask, algorithm="associative", **kw)
+    for a, b in zip(scan, parallel, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    kw.pop("lam")
+    np.testing.assert_allclose(
+        discounted_returns(rewards, mask, algorithm="associative", **kw),
+        discounted_returns(rewards, mask, **kw),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_gae_rejects_an_unknown_algorithm():
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        gae(np.zeros((1, 2)), np.zeros((1, 2)), np.ones((1, 2)), gamma=1.0, lam=1.0, algorithm="x")
