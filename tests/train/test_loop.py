@@ -218,15 +218,15 @@ def test_a_second_run_reuses_the_cached_reference_logps(tmp_path, capsys):
     changes = {
         "algorithm.reference": "precomputed",
         "algorithm.reference_cache_dir": cache,
-        "train.num_steps": 2,
-        "train.eval_every": 2,
+        "train.num_steps": 1,
+        "train.eval_every": 1,
     }
     first = loop.run(tiny_config(**changes), str(tmp_path / "a"), dpo)
     assert "reference log-probs (train cached, eval cached)" in capsys.readouterr().out
     # Another run (another beta: the reference log-probs do not depend on it) loads them.
     second = loop.run(tiny_config(**changes, **{"algorithm.beta": 0.2}), str(tmp_path / "b"), dpo)
     assert "reference log-probs (train reused, eval reused)" in capsys.readouterr().out
-    assert first.step == second.step == 2
+    assert first.step == second.step == 1
     evals = lambda d: [r for r in records(str(tmp_path / d)) if r["split"] == "eval"]  # noqa: E731
     # At step 0 the policy is the reference in both runs: identical log-probs, margins 0.
     assert evals("a")[0]["step"] == evals("b")[0]["step"] == 0

@@ -87,21 +87,9 @@ def _assert_sharded_setup(algorithm):
     assert algorithm.unsplit_state == []  # params and AdamW moments
 
 
-def test_loop_creates_the_model_sharded_over_fsdp(tmp_path, eager_inits):
-    assert jax.device_count() == 8
-    config = tiny_config(**FSDP8, **{"train.num_steps": 2})
-    algorithm = Recorded()
-    result = loop.run(config, str(tmp_path), algorithm)
-    assert result.status == "finished" and result.step == 2
-    assert eager_inits == []
-    _assert_sharded_setup(algorithm)
-    # The check itself can fail: the same tree placed whole on one device is caught.
-    whole = jax.device_put(algorithm.built.model.params, jax.devices()[0])
-    assert len(_unsplit_leaves(whole)) == len(jax.tree.leaves(whole))
-    assert len(_unsplit_leaves(jax.device_get(whole))) == len(jax.tree.leaves(whole))
-
-
 def test_sft_warmup_hands_its_sharded_policy_to_dpo(tmp_path, eager_inits):
+    """The model both stages share is born sharded; the warm-up's policy stays so."""
+    assert jax.device_count() == 8
     config = tiny_config(**FSDP8, **{"train.num_steps": 1, "sft_warmup.num_steps": 2})
     handed = []
     warmup = pipelines.sft_warmup(config)
@@ -121,6 +109,10 @@ def test_sft_warmup_hands_its_sharded_policy_to_dpo(tmp_path, eager_inits):
     # ... and becomes DPO's initial policy and frozen reference without a copy.
     assert _buffers(algorithm.built.model.params) == _buffers(policy)
     assert _buffers(algorithm.built.frozen) == _buffers(policy)
+    # The check itself can fail: the same tree placed whole on one device is caught.
+    whole = jax.device_put(algorithm.built.model.params, jax.devices()[0])
+    assert len(_unsplit_leaves(whole)) == len(jax.tree.leaves(whole))
+    assert len(_unsplit_leaves(jax.device_get(whole))) == len(jax.tree.leaves(whole))
 
 
 def test_init_from_is_placed_by_the_rules(tmp_path, eager_inits):
