@@ -88,6 +88,8 @@ class TransformerConfig:
         ``layer_types``); ``None`` means all layers when ``sliding_window`` is set.
       attention_impl: ``implementation`` passed to ``jax.nn.dot_product_attention``: ``None``
         (let JAX choose), ``"xla"`` or ``"cudnn"`` (flash attention; bf16/fp16 on recent GPUs).
+      cache_block_size: KV-cache slots per block of the cached (prefill/decode) attention, which
+        reads only the blocks that hold tokens (see ``transformer.cached_attention``).
       dtype: compute dtype.
       param_dtype: parameter dtype.
       remat: one of ``"none"``, ``"full"``, ``"dots"`` (see ``REMAT_POLICIES``).
@@ -119,6 +121,7 @@ class TransformerConfig:
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None
     attention_impl: str | None = None
+    cache_block_size: int = 128
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
@@ -177,6 +180,7 @@ class TransformerConfig:
             "cuDNN flash attention needs dtype bfloat16 or float16",
         )
         check(self.max_positions > 0, "max_positions", "must be positive")
+        check(self.cache_block_size > 0, "cache_block_size", "must be positive")
 
     def layer_windows(self):
         """Per-layer sliding window sizes (0 = full attention), or ``None`` without windows."""
