@@ -93,6 +93,9 @@ class TransformerConfig:
       dtype: compute dtype.
       param_dtype: parameter dtype.
       remat: one of ``"none"``, ``"full"``, ``"dots"`` (see ``REMAT_POLICIES``).
+      scan_unroll: compile the layer scan unrolled (one copy of the block per layer: the same
+        arithmetic, a longer compilation). XLA's cost analysis counts a loop body once, so
+        ``prefjax.train.cost`` unrolls to count every layer's FLOPs.
       init_std: standard deviation of the normal initialiser of weight matrices and embeddings.
       model_type: the Hugging Face family used on export (``"llama"``, ``"mistral"``, ``"qwen2"``,
         ``"gpt2"``).
@@ -125,6 +128,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    scan_unroll: bool = False
     init_std: float = 0.02
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -196,8 +200,9 @@ class TransformerConfig:
 
     def for_init(self) -> TransformerConfig:
         """The config used to create parameters: attention kernel and remat do not change the
-        parameters, so initialisation always traces the plain XLA path (also on CPU hosts)."""
-        return dataclasses.replace(self, attention_impl=None, remat="none")
+        parameters, so initialisation always traces the plain XLA path (also on CPU hosts); nor does
+        unrolling the layer scan."""
+        return dataclasses.replace(self, attention_impl=None, remat="none", scan_unroll=False)
 
     def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""
