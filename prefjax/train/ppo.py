@@ -53,6 +53,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefjax import losses
+from prefjax import rollout as rollout_lib
 from prefjax import sharding as shd
 from prefjax.train import common, optim
 from prefjax.train.common import Metrics
@@ -226,6 +227,13 @@ class PPOHparams:
     critic: str = "shared"
     train_critic: bool = True
     temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampling transform the trainer replays."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
     @classmethod
     def from_config(cls, config: Any) -> PPOHparams:
@@ -312,13 +320,16 @@ def response_outputs(
     params: Any,
     rollout: Rollout,
     *,
-    temperature: float,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     lora: Any = None,
     value_head: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Log-probs ``[B, N]`` of the response tokens under ``softmax(logits / temperature)``,
-    the entropies ``[B, N]`` of those distributions and, with ``value_head``, the values
-    ``[B, N]`` read from the same trunk pass."""
+    """Log-probs ``[B, N]`` of the response tokens under the sampling distribution
+    (:func:`prefjax.rollout.transform_logits`: temperature, top-k, top-p), the entropies
+    ``[B, N]`` of those distributions and, with ``value_head``, the values ``[B, N]`` read from
+    the same trunk pass."""
     ids, attn = sequences(rollout)
     p, n = rollout["prompt_ids"].shape[1], rollout["tokens"].shape[1]
     hidden = model.hidden_states(params, ids, attn, lora=lora)  # [B, P + N, D]
@@ -327,8 +338,12 @@ def response_outputs(
     logits = jnp.einsum(
         "bnd,dv->bnv", hidden, model.unembedding(params), preferred_element_type=jnp.float32
     )
-    logits = logits / temperature
-    logps = losses.token_logprobs(logits, rollout["tokens"].astype(jnp.int32))
+    tokens = rollout["tokens"].astype(jnp.int32)
+    # The sampling transform, replayed (the sampled token is never dropped).
+    logits = rollout_lib.transform_logits(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p, keep=tokens
+    )
+    logps = losses.token_logprobs(logits, tokens)
     values = None if value_head is None else _value_of(hidden, value_head)
     return logps, losses.entropy(logits), values
 
@@ -470,7 +485,7 @@ def make_ppo_update(
             model,
             policy,
             batch,
-            temperature=hp.temperature,
+            **hp.sampling,
             lora=adapters,
             value_head=value_params if shared else None,
         )
@@ -487,7 +502,7 @@ def make_ppo_update(
         def one(chunk):
             chunk = constrain(chunk) if constrain is not None else chunk
             logps, ent, values = forward(state.params, state.value_params, frozen, chunk)
-            ref, _, _ = response_outputs(model, frozen, chunk, temperature=hp.temperature)
+            ref, _, _ = response_outputs(model, frozen, chunk, **hp.sampling)
             return logps, ref, values, ent
 
         return jax.tree.map(_unsplit, jax.lax.map(one, chunks))

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from prefjax import losses, models
+from prefjax import rollout as rollout_lib
 from prefjax import sharding as shd
 from prefjax.train import common, ppo
 
@@ -165,7 +166,8 @@ def _reference_loss(model, params, frozen, batch, hp):
     mask = batch["response_mask"].astype(jnp.float32)
 
     def logps_of(policy):
-        logits = model.apply(policy, ids, attn)[:, p - 1 : p - 1 + n] / hp.temperature
+        logits = model.apply(policy, ids, attn)[:, p - 1 : p - 1 + n]
+        logits = rollout_lib.transform_logits(logits, **hp.sampling, keep=batch["tokens"])
         return losses.token_logprobs(logits, batch["tokens"]), losses.entropy(logits)
 
     def values_of(par):
@@ -189,7 +191,10 @@ def _reference_loss(model, params, frozen, batch, hp):
 
 
 def test_one_minibatch_update_is_sgd_on_the_ppo_loss_and_first_ratio_is_one(model, rollout):
-    hp = ppo.PPOHparams(num_epochs=1, num_minibatches=1, vf_coef=0.5, entropy_coef=0.01)
+    # Sampled at temperature 0.7 and top-p 0.9: the trainer replays that transform.
+    hp = ppo.PPOHparams(
+        num_epochs=1, num_minibatches=1, vf_coef=0.5, entropy_coef=0.01, temperature=0.7, top_p=0.9
+    )
     new_params, metrics = _run_update(model, rollout, hp)
     # Before any update the ratio is exactly 1: the scoring pass is the update's own forward.
     assert metrics["ppo/first/ratio_max_dev"] == 0.0
