@@ -93,6 +93,7 @@ class Data:
     buckets: Any = None
     packing: bool = False  # packed train batches (data.packing)
     row_multiple: int = 1  # packed rows per process are a multiple of this (its batch devices)
+    padding: str = ""  # the padding fraction of the train batches, padded and packed
 
     def train_iterator(self) -> pdata.BatchIterator:
         """Shuffled (every epoch, from ``data.seed``), endless, resumable train batches (packed
@@ -152,6 +153,7 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
     packing = bool(d.get("packing", False))
     data_shape = config_lib.resolve_mesh_shape(config, jax.device_count())
     row_multiple = max(1, data_shape[0] * data_shape[1] // jax.process_count())
+    padding = ""
     if kind in pdata.packing.PACKABLE_KINDS:
         probe = pdata.BatchIterator(
             train,
@@ -163,9 +165,9 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
             process_count=jax.process_count(),
         )
         pad = pdata.padding_fractions(probe)
-        desc += (
-            f"; padding {pad['padded']:.0%} of train token slots padded, "
-            f"{pad['packed']:.0%} packed (epoch 0{', packing on' if packing else ''})"
+        padding = (
+            f"{pad['padded']:.0%} of the train token slots padded, {pad['packed']:.0%} packed "
+            f"(epoch 0; data.packing={packing})"
         )
     return Data(
         train=train,
@@ -186,6 +188,7 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
         buckets=buckets,
         packing=packing,
         row_multiple=row_multiple,
+        padding=padding,
     )
 
 
