@@ -93,7 +93,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     lora.dropout = 0.0
 
     config.data = data = ml_collections.ConfigDict()
-    # "sequence" (built-in rule-following task with a gold reward) | "bandit" | "files".
+    # "sequence" (built-in rule-following task with a gold reward) | "bandit" | "arithmetic"
+    # (multi-step task with per-step gold labels, for process reward models) | "files".
     data.task = "sequence"
     # Comma-separated local JSONL/JSON/Parquet files (task="files"); "" otherwise.
     data.train_files = ""
@@ -127,6 +128,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     data.sft_responses = "chosen"
     # Seed of task generation and of the shuffling order of batches.
     data.seed = 0
+    # Step-level data (process reward models): the one-token text placed after every step; the
+    # PRM's step scores are read at it.
+    data.step_separator = "\n"
 
     # The algorithm's own block (name, loss and its hyperparameters), defined with the algorithm:
     # see default_config() in prefjax/train/<algorithm>.py for each field's comment.

@@ -30,10 +30,12 @@ from prefjax.data.schemas import validate_rows as validate_rows
 from prefjax.data.splits import LeakageReport as LeakageReport
 from prefjax.data.splits import check_leakage as check_leakage
 from prefjax.data.splits import grouped_split as grouped_split
+from prefjax.data.tasks import ArithmeticTask as ArithmeticTask
 from prefjax.data.tasks import Bandit as Bandit
 from prefjax.data.tasks import RepeatTask as RepeatTask
 from prefjax.data.tasks import make_task as make_task
 from prefjax.data.tasks import preference_probability as preference_probability
 from prefjax.data.tfds_builder import build_tfds as build_tfds
 from prefjax.data.tokenize import TruncationPolicy as TruncationPolicy
+from prefjax.data.tokenize import step_separator_id as step_separator_id
 from prefjax.data.tokenize import tokenize as tokenize

@@ -81,6 +81,22 @@ def _pack(seqs, masks_from, seq_len: int, pad_id: int, pad_side: str):
     return ids, attn, loss
 
 
+def _step_arrays(seqs, step_labels, seq_len: int, pad_side: str) -> dict[str, np.ndarray]:
+    """``step_labels`` / ``step_mask`` ``[n, seq_len]`` of (prompt, response) ``seqs`` whose
+    responses carry token-aligned labels (-1: no step ends at this token)."""
+    n = len(seqs)
+    labels = np.zeros((n, seq_len), np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    for i, (pr, lab) in enumerate(zip(seqs, step_labels, strict=True)):
+        if pr is None:
+            continue
+        p, r = pr
+        start = (0 if pad_side == "right" else seq_len - len(p) - len(r)) + len(p)
+        labels[i, start : start + len(r)] = np.maximum(lab, 0)
+        mask[i, start : start + len(r)] = lab >= 0
+    return {"step_labels": labels, "step_mask": mask}
+
+
 def collate(
     ds: TokenizedDataset,
     indices,
@@ -102,6 +118,9 @@ def collate(
       ``response_mask [batch, k]``.
     * prompt: ``prompt_input_ids, prompt_attention_mask`` ``[batch, seq]`` (use
       ``pad_side="left"`` for generation).
+    * step: as sft, plus ``step_labels`` and ``step_mask`` ``[batch, seq]``: 1 in ``step_mask``
+      at each labelled step's separator token, where ``step_labels`` holds its 0/1 label (0
+      elsewhere).
 
     Numeric extra columns are gathered under their own names. ``example_mask [batch]`` (1 real,
     0 padding row) is added when ``with_example_mask`` is true, or (default ``None``) when any
@@ -144,6 +163,16 @@ def collate(
             batch["positions"] = positions_from_mask(attn)
         if ds.kind == "unpaired":
             batch["label"] = np.where(real, c["label"][safe], 0).astype(np.int32)
+    elif ds.kind == "step":
+        seqs = [
+            None if p is None else (p, c["response_ids"][j])
+            for p, j in zip(prompts, safe, strict=True)
+        ]
+        ids, attn, loss = _pack(seqs, True, seq_len, pad, pad_side)
+        batch.update(input_ids=ids, attention_mask=attn, loss_mask=loss)
+        batch.update(_step_arrays(seqs, [c["step_labels"][j] for j in safe], seq_len, pad_side))
+        if with_positions:
+            batch["positions"] = positions_from_mask(attn)
     elif ds.kind == "prompt":
         seqs = [None if p is None else (p, p[:0]) for p in prompts]
         ids, attn, _ = _pack(seqs, False, seq_len, pad, pad_side)

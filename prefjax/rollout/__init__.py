@@ -24,3 +24,10 @@ from prefjax.rollout.rewards import on_last_token as on_last_token
 from prefjax.rollout.rewards import sample_best_of_n as sample_best_of_n
 from prefjax.rollout.rewards import score as score
 from prefjax.rollout.rewards import transform_scores as transform_scores
+from prefjax.rollout.prm import AGGREGATIONS as AGGREGATIONS
+from prefjax.rollout.prm import StepScores as StepScores
+from prefjax.rollout.prm import aggregate_step_scores as aggregate_step_scores
+from prefjax.rollout.prm import prm_rewards as prm_rewards
+from prefjax.rollout.prm import separator_mask as separator_mask
+from prefjax.rollout.prm import step_logits as step_logits
+from prefjax.rollout.prm import step_scores as step_scores

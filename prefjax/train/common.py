@@ -266,7 +266,11 @@ def make_update(
     schedule: optax.Schedule | None,
     constrain: Callable[[Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch, Any, jax.Array], tuple[TrainState, Metrics]]:
-    """Builds ``train_step(state, batch, frozen, key) -> (state, metrics)``.
+    """Builds ``train_step(state, batch, frozen, key, update_scale=None) -> (state, metrics)``.
+
+    ``update_scale`` (a scalar, possibly traced) multiplies the optimiser's update and the
+    ``learning_rate`` metric: the step of a learning rate ``update_scale`` times the schedule's
+    (:meth:`~prefjax.train.state.TrainState.apply_gradients`; a sweep's per-member rates).
 
     Args:
       objective: the algorithm's :class:`Objective`; its denominators are computed on the full
@@ -277,7 +281,11 @@ def make_update(
     """
 
     def train_step(
-        state: TrainState, batch: Batch, frozen: Any, key: jax.Array
+        state: TrainState,
+        batch: Batch,
+        frozen: Any,
+        key: jax.Array,
+        update_scale: jax.Array | None = None,
     ) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(key, state.step)
         denominators = objective.denominators(batch)
@@ -290,7 +298,7 @@ def make_update(
             constrain=constrain,
         )
         grad_norm = tree_norm(grads)
-        new_state, updates = state.apply_gradients(grads)
+        new_state, updates = state.apply_gradients(grads, scale=update_scale)
         # A non-finite loss or gradient never reaches the weights: keep the old params and
         # optimiser state (the step counter still advances: the batch was consumed).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -304,7 +312,8 @@ def make_update(
         metrics["update_norm"] = jnp.where(ok, tree_norm(updates), 0.0)
         metrics["train/skipped"] = (~ok).astype(jnp.float32)
         if schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+            rate = jnp.asarray(schedule(state.step), jnp.float32)
+            metrics["learning_rate"] = rate if update_scale is None else rate * update_scale
         return new_state, metrics
 
     return train_step

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,12 +188,35 @@ def _average_logps(config: Any) -> bool:
     return config.algorithm.loss == "ipo" if value is None else bool(value)
 
 
-def _pairwise_loss(config: Any) -> Callable[..., Any]:
-    """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> losses.PreferenceLossOutput``
-    with the loss's hyperparameters from ``config.algorithm`` (pairwise losses and SimPO; SimPO
-    reads the policy's length-averaged log-probs only)."""
+class HParams(NamedTuple):
+    """The objective's scalar hyperparameters that may be traced arrays, not constants.
+
+    :func:`objective` reads them from ``config.algorithm`` unless given; a sweep
+    (:mod:`prefjax.train.sweep`) passes each member's as arrays under ``jax.vmap``, so members
+    differing only in these share one compiled step.
+
+    Attributes:
+      beta: ``config.algorithm.beta``, scalar.
+      label_smoothing: ``config.algorithm.label_smoothing``, scalar.
+    """
+
+    beta: jax.typing.ArrayLike
+    label_smoothing: jax.typing.ArrayLike
+
+
+def hparams_from_config(config: Any) -> HParams:
+    """``config.algorithm``'s beta and label smoothing as Python floats."""
     algo = config.algorithm
-    beta, smoothing = float(algo.beta), float(algo.label_smoothing)
+    return HParams(float(algo.beta), float(algo.label_smoothing))
+
+
+def _pairwise_loss(config: Any, hparams: HParams | None = None) -> Callable[..., Any]:
+    """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> losses.PreferenceLossOutput``
+    with the loss's hyperparameters from ``config.algorithm`` (beta and label smoothing from
+    ``hparams`` when given; pairwise losses and SimPO; SimPO reads the policy's length-averaged
+    log-probs only)."""
+    algo = config.algorithm
+    beta, smoothing = hparams or hparams_from_config(config)
     if algo.loss == "simpo":
         gamma = float(algo.gamma)
         return lambda pc, pr, rc, rr: losses.simpo_loss(
@@ -230,6 +253,17 @@ def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[...
         return jax.lax.stop_gradient(logps)
 
     return policy, ref
+
+
+def reference_logps(model: Any, config: Any) -> Callable[[Any, Batch], jax.Array]:
+    """``ref(frozen, batch) -> [batch, k]``: the reference log-probs the objective uses, alone.
+
+    What the step computes inside :func:`objective` (a frozen copy, the LoRA base, a
+    precomputed column, or zeros without a reference); a sweep computes it once per batch for all
+    its members and hands it to them as the batch's ``ref_logps``.
+    """
+    _, ref = _forwards(model, config)
+    return lambda frozen, batch: ref(frozen, batch, tuple(batch[n] for n in common.TOKENS))
 
 
 def _logps(model: Any, params: Any, tokens: tuple, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
@@ -333,13 +367,15 @@ def _pair_stats(
     }
 
 
-def _pairwise_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Stats]]:
+def _pairwise_objective(
+    model: Any, config: Any, hparams: HParams
+) -> Callable[..., tuple[jax.Array, Stats]]:
     algo = config.algorithm
-    name, beta = algo.loss, float(algo.beta)
+    name, beta = algo.loss, hparams.beta
     average = _average_logps(config)
     policy, ref = _forwards(model, config)
     sft_weight, rpo_alpha = float(algo.sft_weight), float(algo.rpo_alpha)
-    pair_loss = None if name == "orpo" else _pairwise_loss(config)
+    pair_loss = None if name == "orpo" else _pairwise_loss(config, hparams)
 
     def fn(params, batch, frozen, key, denominators):
         w = common.example_weights(batch)
@@ -379,8 +415,10 @@ def _pairwise_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Arra
     return fn
 
 
-def _listwise_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Stats]]:
-    beta = float(config.algorithm.beta)
+def _listwise_objective(
+    model: Any, config: Any, hparams: HParams
+) -> Callable[..., tuple[jax.Array, Stats]]:
+    beta = hparams.beta
     policy, ref = _forwards(model, config)
 
     def fn(params, batch, frozen, key, denominators):
@@ -495,16 +533,21 @@ def _kto_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, St
     return fn
 
 
-def objective(model: Any, config: Any) -> Objective:
-    """The :class:`~prefjax.train.common.Objective` of ``config.algorithm.loss``."""
+def objective(model: Any, config: Any, *, hparams: HParams | None = None) -> Objective:
+    """The :class:`~prefjax.train.common.Objective` of ``config.algorithm.loss``.
+
+    ``hparams`` (beta, label smoothing; default ``config.algorithm``'s) may be traced arrays, so
+    one compiled step serves every value (:mod:`prefjax.train.sweep`); KTO reads the config's.
+    """
     loss = config.algorithm.loss
+    hparams = hparams or hparams_from_config(config)
     if loss == "listwise":
-        fn = _listwise_objective(model, config)
+        fn = _listwise_objective(model, config, hparams)
     elif loss == "kto":
         fn = _kto_objective(model, config)
     else:
-        fn = _pairwise_objective(model, config)
-    beta = float(config.algorithm.beta) if reference(config) != "none" else None
+        fn = _pairwise_objective(model, config, hparams)
+    beta = hparams.beta if reference(config) != "none" else None
     return Objective(fn, _denominators, finalize, kl_coefficient=beta)
 
 

@@ -77,8 +77,12 @@ class RunResult(NamedTuple):
     setup: Any
 
 
-class _StopRequest:
-    """Set by SIGTERM / SIGINT; the loop checkpoints and exits at the next step boundary."""
+class StopRequest:
+    """Set by SIGTERM / SIGINT; the loop checkpoints and exits at the next step boundary.
+
+    ``with stop.installed():`` handles both signals on the main thread (elsewhere: nothing);
+    ``stop.signal_name`` is then the first one received, or ``None``.
+    """
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -109,8 +113,9 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _mean_records(records: list[Mapping[str, float]]) -> dict[str, float]:
-    """Means over the steps of a logging window; skipped steps only count towards skip totals."""
+def mean_records(records: list[Mapping[str, float]]) -> dict[str, float]:
+    """One logging window's record: the mean of each metric over the window's steps (host
+    floats), skipped steps left out of the means and summed into ``train/skipped``."""
     kept = [r for r in records if not r.get("train/skipped", 0.0)]
     out: dict[str, float] = {}
     for name in kept[0] if kept else ():
@@ -179,9 +184,10 @@ def run_stage(config, workdir: str, algorithm, *, parent: Stage, name: str) -> R
     return result
 
 
-def _initial_params(config, model, tokenizer, wd, init_params):
-    """Policy params before training: ``init_from`` checkpoint, a pipeline's ``init_params``
-    hook, or ``None`` (the model's own)."""
+def initial_params(config, model, tokenizer, wd, init_params):
+    """Policy params before training: the ``model.init_from`` checkpoint's (host arrays), those
+    of a pipeline's ``init_params(Stage(model, tokenizer, wd))`` hook, or ``None`` (the model's
+    own)."""
     if config.model.init_from:
         params = checkpointing.restore_params(config.model.init_from)
         expected = jax.tree.structure(model.params)
@@ -271,7 +277,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
         for change in wd.changes:
             kind = "restart" if wd.restart else ("allowed" if change.free else "override")
             print(f"{tag}config change ({kind}): {change.describe()}", flush=True)
-    stop = _StopRequest()
+    stop = StopRequest()
 
     mesh = sharding.make_mesh(config.mesh)
     key = jax.random.key(config.seed)
@@ -282,7 +288,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
         # Born sharded on the mesh: no device ever holds a whole unsharded parameter.
         model, tokenizer = inputs.build_model(config, model_key, head=derived.head, mesh=mesh)
     try:
-        params = _initial_params(config, model, tokenizer, wd, init_params)
+        params = initial_params(config, model, tokenizer, wd, init_params)
     except StagePreempted as p:
         return p.result._replace(workdir=workdir)
     if params is not None:  # host arrays (init_from) or another stage's: placed like the model's
@@ -435,7 +441,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
                         window.extend(to_host(pending))
                         pending.clear()
                         progress.update(0, **{"last loss": window[-1].get("loss", float("nan"))})
-                    record = _mean_records(window)
+                    record = mean_records(window)
                     record["train/skipped_total"] = float(skipped_total)
                     record["steps_per_second"] = steps_run / max(time.time() - t_start, 1e-9)
                     writer.write(
@@ -468,7 +474,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
             flush=True,
         )
     if is_main and status == "finished" and not _stage:
-        _report(config, wd, derived, setup, state)
+        report(config, wd, derived, setup, state)
     return RunResult(state, step, status, eval_metrics, workdir, setup)
 
 
@@ -483,8 +489,10 @@ def _skipped_before(metrics_path: str, step: int) -> int:
     return int(totals[-1]) if totals else 0
 
 
-def _report(config, wd, derived, setup, state) -> None:
-    """End of run: curves, summary table, optional Hugging Face export."""
+def report(config, wd, derived, setup, state) -> None:
+    """End of run, in ``wd`` (a :class:`~prefjax.train.workdir.Workdir`): ``curves.png`` from
+    its ``metrics.jsonl``, ``summary.txt`` (with any accepted config changes) and, when
+    ``derived.export_dir`` is set, the policy of ``state`` (``setup.policy_params``) exported."""
     workdir = wd.path
     records = metric_logging.read_records(os.path.join(workdir, "metrics.jsonl"))
     title = f"{config.algorithm.name} ({config.algorithm.loss}) on {config.data.task}"

@@ -53,8 +53,17 @@ class TrainState(struct.PyTreeNode):
             apply_fn=apply_fn,
         )
 
-    def apply_gradients(self, grads: Any) -> tuple[TrainState, Any]:
-        """One optimiser update; returns the new state and the applied update pytree."""
+    def apply_gradients(
+        self, grads: Any, *, scale: jax.typing.ArrayLike | None = None
+    ) -> tuple[TrainState, Any]:
+        """One optimiser update; returns the new state and the applied update pytree.
+
+        ``scale`` (optional scalar) multiplies the update: for the optimisers of
+        :func:`prefjax.train.optim.make_optimizer`, whose update is linear in the learning rate,
+        a ``tx`` built for learning rate ``lr`` then steps as one built for ``scale * lr``.
+        """
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        if scale is not None:
+            updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state), updates
