@@ -66,7 +66,7 @@ def get_config(arg=None):
         config.eval.num_samples = 16
         config.eval.max_new_tokens = 6
         config.data.num_eval = 16
-        config.data.eval_batch_size = 16
+        config.data.eval_batch_size = 8
         config.logging.tensorboard = False
     elif preset == "bandit":
         config.data.task = "bandit"

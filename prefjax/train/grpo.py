@@ -142,11 +142,6 @@ def tied_groups(scores: jax.Array, group_size: int) -> jax.Array:
     return jnp.repeat(tied, group_size)
 
 
-def _transform(config: Any) -> dict:
-    a = config.algorithm
-    return dict(temperature=float(a.temperature), top_k=int(a.top_k), top_p=float(a.top_p))
-
-
 def _logps(model, config, params, frozen, batch, key=None):
     """Trainer log-probs ``[R, N]`` of the rollout tokens (the sampler's function)."""
     base, lora = online.policy_of(params, frozen, common.uses_lora(config))
@@ -159,7 +154,7 @@ def _logps(model, config, params, frozen, batch, key=None):
         batch["response_mask"],
         lora=lora,
         key=key,
-        **_transform(config),
+        **online.transform_of(config),
     )
 
 
@@ -182,7 +177,7 @@ def prepare(model: Any, config: Any) -> Any:
                 batch["prompt_mask"],
                 batch["tokens"],
                 batch["response_mask"],
-                **_transform(config),
+                **online.transform_of(config),
             )
         ref = jax.lax.stop_gradient(ref)
         seq_kl = online.sequence_kl(batch["old_logprobs"], ref, mask, algo.kl_estimator)
@@ -289,30 +284,6 @@ def make_update(model: Any, config: Any, *, mesh: Any = None, schedule: Any = No
     return update
 
 
-def eval_stats(model: Any, config: Any) -> Any:
-    """``(params, rollout_batch, frozen) -> stats``: summed k1 KL of held-out samples."""
-    has_ref = reference(config) != "none"
-
-    def fn(params, batch, frozen):
-        if not has_ref:
-            return {}
-        logps = _logps(model, config, params, frozen, batch)
-        ref = rollout.token_logprobs(
-            model,
-            frozen,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["tokens"],
-            batch["response_mask"],
-            **_transform(config),
-        )
-        mask = batch["response_mask"] * batch["weights"][:, None]
-        kl = online.sequence_kl(logps, ref, mask, "k1")
-        return {"kl/sampled": (jnp.sum(kl * batch["weights"]), jnp.sum(batch["weights"]))}
-
-    return jax.jit(fn)
-
-
 def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> common.Setup:
     """The shared set-up (state, frozen tree, shardings) with the rollout-score-update step."""
     algorithm = sys.modules[__name__]
@@ -322,7 +293,7 @@ def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> common.Setup:
         base,
         online.make_pipeline(config, model, mesh),
         online.jit_update(base, update),
-        eval_stats=eval_stats(model, config),
+        eval_stats=online.eval_kl_stats(model, config, reference(config) != "none"),
         finalize=common.means,
         seed=int(config.seed),
     )

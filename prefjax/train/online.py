@@ -358,6 +358,34 @@ def jit_update(base: Setup, update: Callable[..., Any]) -> Callable[..., Any]:
     )
 
 
+def transform_of(config: Any) -> dict:
+    """The sampling transform of ``config.algorithm`` (``temperature, top_k, top_p``)."""
+    a = config.algorithm
+    return dict(temperature=float(a.temperature), top_k=int(a.top_k), top_p=float(a.top_p))
+
+
+def eval_kl_stats(model: Any, config: Any, has_reference: bool) -> Callable[..., Any]:
+    """Jitted ``(params, rollout_batch, frozen) -> stats``: ``kl/sampled``, the summed k1
+    estimate of ``KL(pi_theta || pi_ref)`` on held-out samples (nothing without a reference)."""
+    lora = common.uses_lora(config)
+
+    def fn(params, batch, frozen):
+        if not has_reference:
+            return {}
+        tokens = (batch["prompt_ids"], batch["prompt_mask"], batch["tokens"])
+        base, adapters = policy_of(params, frozen, lora)
+        mask = batch["response_mask"]
+        logps = rollout.token_logprobs(
+            model, base, *tokens, mask, lora=adapters, **transform_of(config)
+        )
+        ref = rollout.token_logprobs(model, frozen, *tokens, mask, **transform_of(config))
+        w = batch["weights"]
+        kl = sequence_kl(logps, ref, mask * w[:, None], "k1")
+        return {"kl/sampled": (jnp.sum(kl * w), jnp.sum(w))}
+
+    return jax.jit(fn)
+
+
 def sequence_kl(
     logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, kind: str = "k1"
 ) -> jax.Array:
