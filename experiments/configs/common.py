@@ -109,6 +109,11 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Pad every batch to max_len (one compiled shape) instead of the smallest power-of-two bucket
     # that fits (a few compiled shapes, less padding: better for long, varied sequences).
     data.pad_to_max_len = True
+    # Packed (padding-free) train batches: each batch's sequences side by side in rows of
+    # data.max_len tokens, attention confined to each sequence (segment ids, per-segment
+    # positions); the same examples per step and the same objective as padded batches, less
+    # compute on padding. SFT, reward models and the DPO family but KTO; grad_accum_steps=1.
+    data.packing = False
     # Global batch size per optimiser step, in examples (pairs for preference data).
     data.batch_size = 16
     # Global batch size of evaluation, in examples.

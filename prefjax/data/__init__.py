@@ -4,10 +4,13 @@ Batches are dicts of NumPy arrays with fixed shapes (``[batch, seq]`` int32 ids 
 ``loss_mask`` marks response tokens including EOS). See ``docs/data.md``.
 """
 
+from prefjax.data import packing as packing
 from prefjax.data.batching import BatchIterator as BatchIterator
 from prefjax.data.batching import bucket_length as bucket_length
 from prefjax.data.batching import collate as collate
+from prefjax.data.batching import collate_packed as collate_packed
 from prefjax.data.batching import default_buckets as default_buckets
+from prefjax.data.batching import padding_fractions as padding_fractions
 from prefjax.data.batching import positions_from_mask as positions_from_mask
 from prefjax.data.dataset import TokenizedDataset as TokenizedDataset
 from prefjax.data.dataset import concatenate as concatenate
