@@ -748,22 +748,6 @@ def objective(model: Any, config: Any) -> Objective:
     )
 
 
-def eval_stats(model: Any, hp: PPOHparams, lora: bool) -> Callable[..., Any]:
-    """Jitted ``(params, rollout_batch, frozen) -> stats``: the summed k1 KL of held-out samples
-    to the reference (``kl/sampled``, nats per response)."""
-
-    def fn(params, batch, frozen):
-        policy, adapters = (frozen, params) if lora else (params, None)
-        logps, _, _ = response_outputs(model, policy, batch, **hp.sampling, lora=adapters)
-        ref, _, _ = response_outputs(model, frozen, batch, **hp.sampling)
-        rows = batch["weights"].astype(jnp.float32)
-        mask = batch["response_mask"] * rows[:, None]
-        kl = online.sequence_kl(logps, ref, mask, "k1")
-        return {"kl/sampled": (jnp.sum(kl * rows), jnp.sum(rows))}
-
-    return jax.jit(fn)
-
-
 def setup(config: Any, model: Any, mesh: Mesh, key: jax.Array) -> Setup:
     """Sharded :class:`PPOState` (policy, critic, beta), the frozen reference, and the online
     train step: sample and score a prompt batch (:mod:`prefjax.train.online`), then one jitted
@@ -847,7 +831,7 @@ def setup(config: Any, model: Any, mesh: Mesh, key: jax.Array) -> Setup:
         base,
         online.make_pipeline(config, model, mesh),
         jit_update(update, mesh, state_shard, frozen_sharding),
-        eval_stats=eval_stats(model, hp, lora),
+        eval_stats=online.eval_kl_stats(model, config, True),
         finalize=common.means,
         seed=int(config.seed),
     )

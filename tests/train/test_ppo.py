@@ -196,10 +196,12 @@ def test_one_minibatch_update_is_sgd_on_the_ppo_loss_and_first_ratio_is_one(mode
         num_epochs=1, num_minibatches=1, vf_coef=0.5, entropy_coef=0.01, temperature=0.7, top_p=0.9
     )
     new_params, metrics = _run_update(model, rollout, hp)
-    # Before any update the ratio is exactly 1: the scoring pass is the update's own forward.
-    assert metrics["ppo/first/ratio_max_dev"] == 0.0
+    # Before any update the ratio is 1: the scoring pass is the update's own forward, in the
+    # update's micro-batch shape. (Bitwise 1 at temperature 1; under the temperature / top-p
+    # transform XLA fuses the differentiated forward differently: a few float32 ulps.)
+    assert metrics["ppo/first/ratio_max_dev"] < 1e-6
     assert metrics["ppo/first/clipfrac"] == 0.0
-    assert metrics["ppo/first/approx_kl"] == 0.0
+    assert metrics["ppo/first/approx_kl"] < 1e-12
     params = _params(model)
     grads = jax.grad(_reference_loss(model, params, _frozen(model), rollout, hp))(params)
     expected = jax.tree.map(lambda p, g: p - LR * g, params, grads)
@@ -405,7 +407,7 @@ def _variant_update(model, rollout, variant):
 @pytest.mark.parametrize("variant", ["separate", "separate_frozen", "lora"])
 def test_critic_and_lora_variants(model, rollout, variant):
     before, after, metrics = _variant_update(model, rollout, variant)
-    assert metrics["ppo/first/ratio_max_dev"] == 0.0
+    assert metrics["ppo/first/ratio_max_dev"] < 1e-6
     assert np.isfinite(metrics["ppo/value_loss"]) and metrics["train/skipped"] == 0.0
     assert _max_diff(after.params, before.params) > 1e-4  # the policy (or its adapters) moved
     value_moved = _max_diff(after.value_params, before.value_params)
