@@ -5,7 +5,9 @@ earlier stage with :func:`prefjax.train.loop.run_stage` (same model, its own wor
 run's, with its own ``run.json``) and returns that stage's trained policy:
 
 * :func:`sft_then_dpo` -- the DPO launcher's default: ``config.sft_warmup.num_steps`` steps of SFT
-  (in ``<workdir>/sft_warmup``), whose policy becomes DPO's initial policy and frozen reference.
+  (in ``<workdir>/sft_warmup``), whose policy becomes DPO's initial policy and frozen reference;
+* :func:`sft_then` -- the same warm-up before any other algorithm (the online launchers: GRPO,
+  online DPO), whose policy becomes its initial policy and reference.
 """
 
 from __future__ import annotations
@@ -56,3 +58,15 @@ def sft_then_dpo(config, workdir: str, **kwargs) -> loop.RunResult:
     warm = "sft_warmup" in config and config.sft_warmup.num_steps > 0
     init = sft_warmup(config) if warm else None
     return loop.run(config, workdir, dpo, init_params=init, **kwargs)
+
+
+def sft_then(algorithm):
+    """``run(config, workdir, **kwargs)``: the SFT warm-up (when ``config.sft_warmup.num_steps >
+    0``), then ``algorithm`` from its policy (``python -m experiments.grpo``)."""
+
+    def run(config, workdir: str, **kwargs) -> loop.RunResult:
+        warm = "sft_warmup" in config and config.sft_warmup.num_steps > 0
+        init = sft_warmup(config) if warm else None
+        return loop.run(config, workdir, algorithm, init_params=init, **kwargs)
+
+    return run

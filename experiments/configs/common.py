@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from prefjax.train import config as train_config
-from prefjax.train import dpo, reward, sft
+from prefjax.train import dpo, grpo, online_dpo, reward, sft
 from prefjax.train.config import (  # noqa: F401  (re-exported: the names launchers and tests use)
     DEFAULT_RULES,
     ConfigError,
@@ -25,6 +25,8 @@ from prefjax.train.config import (  # noqa: F401  (re-exported: the names launch
 # The algorithm module that trains each ``config.algorithm.name`` (the launchers' table; the
 # library itself knows no algorithm by name).
 ALGORITHM_MODULES = {m.NAME: m for m in (sft, reward, dpo)}
+# Online algorithms: prompt batches, responses sampled from the policy during training.
+ALGORITHM_MODULES.update({m.NAME: m for m in (grpo, online_dpo)})
 ALGORITHMS = tuple(ALGORITHM_MODULES)
 
 
@@ -107,6 +109,11 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Pad every batch to max_len (one compiled shape) instead of the smallest power-of-two bucket
     # that fits (a few compiled shapes, less padding: better for long, varied sequences).
     data.pad_to_max_len = True
+    # Packed (padding-free) train batches: each batch's sequences side by side in rows of
+    # data.max_len tokens, attention confined to each sequence (segment ids, per-segment
+    # positions); the same examples per step and the same objective as padded batches, less
+    # compute on padding. SFT, reward models and the DPO family but KTO; grad_accum_steps=1.
+    data.packing = False
     # Global batch size per optimiser step, in examples (pairs for preference data).
     data.batch_size = 16
     # Global batch size of evaluation, in examples.

@@ -4,10 +4,13 @@ Batches are dicts of NumPy arrays with fixed shapes (``[batch, seq]`` int32 ids 
 ``loss_mask`` marks response tokens including EOS). See ``docs/data.md``.
 """
 
+from prefjax.data import packing as packing
 from prefjax.data.batching import BatchIterator as BatchIterator
 from prefjax.data.batching import bucket_length as bucket_length
 from prefjax.data.batching import collate as collate
+from prefjax.data.batching import collate_packed as collate_packed
 from prefjax.data.batching import default_buckets as default_buckets
+from prefjax.data.batching import padding_fractions as padding_fractions
 from prefjax.data.batching import positions_from_mask as positions_from_mask
 from prefjax.data.dataset import TokenizedDataset as TokenizedDataset
 from prefjax.data.dataset import concatenate as concatenate
@@ -18,6 +21,7 @@ from prefjax.data.loaders import datasets_from_config as datasets_from_config
 from prefjax.data.loaders import load_dataset as load_dataset
 from prefjax.data.loaders import load_rows as load_rows
 from prefjax.data.loaders import load_split_datasets as load_split_datasets
+from prefjax.data.loaders import task_from_config as task_from_config
 from prefjax.data.readers import read_records as read_records
 from prefjax.data.readers import read_tfds as read_tfds
 from prefjax.data.readers import write_jsonl as write_jsonl

@@ -454,13 +454,23 @@ class Attention(nn.Module):
         return o_proj(out), new_cache
 
     def _attend(self, q, k, v, positions, attention_mask, window):
-        """Attention within the sequence: causal, key padding, optional sliding window."""
+        """Attention within the sequence: causal, key padding, optional sliding window.
+
+        ``attention_mask`` is 0 on padding and otherwise the token's segment id: 1 everywhere in a
+        padded row, one id per sequence in a packed row (several sequences side by side). A real
+        query attends to the earlier keys of its own segment only, so a packed row computes what
+        its sequences would alone (given per-segment positions); with a 0/1 mask this is the
+        plain causal, key-padding mask.
+        """
         cfg = self.config
         seq = q.shape[1]
-        key_valid = attention_mask.astype(bool)  # [B, S]
+        segment = attention_mask.astype(jnp.int32)  # [B, S]
+        key_valid = segment > 0
         idx = jnp.arange(seq)
         causal = idx[None, :] <= idx[:, None]  # [T, S]
-        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+        # Same segment, or a padding query (which then sees every valid key on its left, as before).
+        same = (segment[:, :, None] == segment[:, None, :]) | ~key_valid[:, :, None]  # [B, T, S]
+        mask = causal[None] & key_valid[:, None, :] & same  # [B, T, S]
         if window is not None:
             # window is this layer's size (traced, 0 = full attention).
             dist = positions[:, :, None] - positions[:, None, :]

@@ -109,7 +109,10 @@ def validate_config(config: Any) -> None:
 
 
 def _scores(model: Any, params: Any, batch: Batch) -> jax.Array:
-    """``[batch, k]`` float32 rewards of the batch's ``[batch, k, seq]`` responses."""
+    """``[batch, k]`` float32 rewards of the batch's ``[batch, k, seq]`` responses (or of its
+    packed sequences, read at each segment's last token)."""
+    if common.is_packed(batch):
+        return common.packed_rewards(model, params, common.batch_tokens(batch))
     k = batch["input_ids"].shape[1]
     ids, attn = (common.flatten_responses(batch[n]) for n in ("input_ids", "attention_mask"))
     scores = model.apply(params, ids, attn).astype(jnp.float32)  # [k * batch]
