@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from prefjax.train import config as train_config
-from prefjax.train import dpo, reward, sft
+from prefjax.train import dpo, grpo, online_dpo, ppo, reward, sft
 from prefjax.train.config import (  # noqa: F401  (re-exported: the names launchers and tests use)
     DEFAULT_RULES,
     ConfigError,
@@ -25,6 +25,9 @@ from prefjax.train.config import (  # noqa: F401  (re-exported: the names launch
 # The algorithm module that trains each ``config.algorithm.name`` (the launchers' table; the
 # library itself knows no algorithm by name).
 ALGORITHM_MODULES = {m.NAME: m for m in (sft, reward, dpo)}
+# Online algorithms: prompt batches, responses sampled from the policy during training.
+ALGORITHM_MODULES.update({m.NAME: m for m in (grpo, online_dpo)})
+ALGORITHM_MODULES[ppo.NAME] = ppo
 ALGORITHMS = tuple(ALGORITHM_MODULES)
 
 
@@ -91,7 +94,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     lora.dropout = 0.0
 
     config.data = data = ml_collections.ConfigDict()
-    # "sequence" (built-in rule-following task with a gold reward) | "bandit" | "files".
+    # "sequence" (built-in rule-following task with a gold reward) | "bandit" | "arithmetic"
+    # (multi-step task with per-step gold labels, for process reward models) | "files".
     data.task = "sequence"
     # Comma-separated local JSONL/JSON/Parquet files (task="files"); "" otherwise.
     data.train_files = ""
@@ -106,6 +110,11 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     # Pad every batch to max_len (one compiled shape) instead of the smallest power-of-two bucket
     # that fits (a few compiled shapes, less padding: better for long, varied sequences).
     data.pad_to_max_len = True
+    # Packed (padding-free) train batches: each batch's sequences side by side in rows of
+    # data.max_len tokens, attention confined to each sequence (segment ids, per-segment
+    # positions); the same examples per step and the same objective as padded batches, less
+    # compute on padding. SFT, reward models and the DPO family but KTO; grad_accum_steps=1.
+    data.packing = False
     # Global batch size per optimiser step, in examples (pairs for preference data).
     data.batch_size = 16
     # Global batch size of evaluation, in examples.
@@ -125,6 +134,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     data.sft_responses = "chosen"
     # Seed of task generation and of the shuffling order of batches.
     data.seed = 0
+    # Step-level data (process reward models): the one-token text placed after every step; the
+    # PRM's step scores are read at it.
+    data.step_separator = "\n"
 
     # The algorithm's own block (name, loss and its hyperparameters), defined with the algorithm:
     # see default_config() in prefjax/train/<algorithm>.py for each field's comment.

@@ -24,6 +24,14 @@ import jax
 import numpy as np
 
 from prefjax.data.dataset import TokenizedDataset
+from prefjax.data.packing import (
+    num_segments_per_example,
+    pack,
+    padding_fraction,
+    round_rows,
+    rows_needed,
+    sequence_lengths,
+)
 
 
 def default_buckets(max_len: int, min_bucket: int = 16) -> tuple[int, ...]:
@@ -81,6 +89,22 @@ def _pack(seqs, masks_from, seq_len: int, pad_id: int, pad_side: str):
     return ids, attn, loss
 
 
+def _step_arrays(seqs, step_labels, seq_len: int, pad_side: str) -> dict[str, np.ndarray]:
+    """``step_labels`` / ``step_mask`` ``[n, seq_len]`` of (prompt, response) ``seqs`` whose
+    responses carry token-aligned labels (-1: no step ends at this token)."""
+    n = len(seqs)
+    labels = np.zeros((n, seq_len), np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    for i, (pr, lab) in enumerate(zip(seqs, step_labels, strict=True)):
+        if pr is None:
+            continue
+        p, r = pr
+        start = (0 if pad_side == "right" else seq_len - len(p) - len(r)) + len(p)
+        labels[i, start : start + len(r)] = np.maximum(lab, 0)
+        mask[i, start : start + len(r)] = lab >= 0
+    return {"step_labels": labels, "step_mask": mask}
+
+
 def collate(
     ds: TokenizedDataset,
     indices,
@@ -102,6 +126,9 @@ def collate(
       ``response_mask [batch, k]``.
     * prompt: ``prompt_input_ids, prompt_attention_mask`` ``[batch, seq]`` (use
       ``pad_side="left"`` for generation).
+    * step: as sft, plus ``step_labels`` and ``step_mask`` ``[batch, seq]``: 1 in ``step_mask``
+      at each labelled step's separator token, where ``step_labels`` holds its 0/1 label (0
+      elsewhere).
 
     Numeric extra columns are gathered under their own names. ``example_mask [batch]`` (1 real,
     0 padding row) is added when ``with_example_mask`` is true, or (default ``None``) when any
@@ -142,8 +169,16 @@ def collate(
         batch.update(input_ids=ids, attention_mask=attn, loss_mask=loss)
         if with_positions:
             batch["positions"] = positions_from_mask(attn)
-        if ds.kind == "unpaired":
-            batch["label"] = np.where(real, c["label"][safe], 0).astype(np.int32)
+    elif ds.kind == "step":
+        seqs = [
+            None if p is None else (p, c["response_ids"][j])
+            for p, j in zip(prompts, safe, strict=True)
+        ]
+        ids, attn, loss = _pack(seqs, True, seq_len, pad, pad_side)
+        batch.update(input_ids=ids, attention_mask=attn, loss_mask=loss)
+        batch.update(_step_arrays(seqs, [c["step_labels"][j] for j in safe], seq_len, pad_side))
+        if with_positions:
+            batch["positions"] = positions_from_mask(attn)
     elif ds.kind == "prompt":
         seqs = [None if p is None else (p, p[:0]) for p in prompts]
         ids, attn, _ = _pack(seqs, False, seq_len, pad, pad_side)
@@ -163,20 +198,54 @@ def collate(
             groups.append(ys + [None] * (k - len(ys)))
         responses(groups, k)
         batch["response_mask"] = rmask
+    batch.update(example_columns(ds, idx))
+    if with_example_mask or (with_example_mask is None and not real.all()):
+        batch["example_mask"] = real.astype(np.int32)
+    return batch
+
+
+def example_columns(ds: TokenizedDataset, indices) -> dict[str, np.ndarray]:
+    """The numeric per-example columns of the examples at ``indices`` (``-1``: zeros), 64-bit
+    values as 32-bit (JAX runs without x64 by default); the ``label`` of unpaired data too."""
+    idx = np.asarray(indices, np.int64)
+    real = idx >= 0
+    safe = np.where(real, idx, 0)
+    out = {}
+    if ds.kind == "unpaired":
+        out["label"] = np.where(real, ds.columns["label"][safe], 0).astype(np.int32)
     for name in ds.batch_columns():
         if name == "label" and ds.kind == "unpaired":
             continue
-        col = c[name]
+        col = ds.columns[name]
         vals = col[safe]
         vals = np.where(real.reshape((-1,) + (1,) * (col.ndim - 1)), vals, 0).astype(col.dtype)
-        # 64-bit columns become 32-bit: JAX runs without x64 by default.
         if vals.dtype == np.float64:
             vals = vals.astype(np.float32)
         elif vals.dtype == np.int64:
             vals = vals.astype(np.int32)
-        batch[name] = vals
-    if with_example_mask or (with_example_mask is None and not real.all()):
-        batch["example_mask"] = real.astype(np.int32)
+        out[name] = vals
+    return out
+
+
+def collate_packed(
+    ds: TokenizedDataset,
+    indices,
+    row_length: int,
+    num_rows: int,
+    *,
+    num_responses: int | None = None,
+    example_offset: int = 0,
+) -> dict[str, np.ndarray]:
+    """A packed batch of the examples at ``indices`` (layout in :mod:`prefjax.data.packing`):
+    packed token arrays ``[num_rows, row_length]``, ``sequence_mask [batch, k]``,
+    ``example_mask [batch]`` (always), and the per-example columns of :func:`collate`."""
+    idx = np.asarray(indices, np.int64)
+    k = num_segments_per_example(ds, num_responses)
+    batch = pack(ds, idx, row_length, num_rows, num_responses=k, example_offset=example_offset)
+    if ds.kind == "listwise":
+        batch["response_mask"] = batch["sequence_mask"].copy()
+    batch.update(example_columns(ds, idx))
+    batch["example_mask"] = (idx >= 0).astype(np.int32)
     return batch
 
 
@@ -218,12 +287,19 @@ class _BatchPlan:
     def __getitem__(self, i: int):
         epoch, j = divmod(int(i), self.per_epoch)
         glob = self.epoch_plan(epoch)[j]
-        real = glob[glob >= 0]
-        longest = int(self.it.lengths[real].max()) if len(real) else 1
-        seq_len = bucket_length(longest, self.it.buckets)
         local = self.it.local_batch_size
         p = self.it.process_index
-        return glob[p * local : (p + 1) * local], seq_len
+        mine = glob[p * local : (p + 1) * local]
+        if self.it.packing:
+            # Rows (the batch's only varying size) agree across processes: each computes every
+            # process's count from the shared global plan and takes the largest.
+            it = self.it
+            shards = (glob[q * local : (q + 1) * local] for q in range(it.process_count))
+            rows = max(rows_needed(it.dataset, s, it.row_length, it.k) for s in shards)
+            return mine, round_rows(rows, it.row_multiple)
+        real = glob[glob >= 0]
+        longest = int(self.it.lengths[real].max()) if len(real) else 1
+        return mine, bucket_length(longest, self.it.buckets)
 
 
 class BatchIterator:
@@ -249,6 +325,12 @@ class BatchIterator:
       process_index, process_count: this process's shard (default ``jax.process_index()`` /
         ``jax.process_count()``).
       with_positions: also emit ``*positions`` arrays (``cumsum(mask) - 1``).
+      packing: emit packed batches (:mod:`prefjax.data.packing`: the same examples per batch,
+        their sequences side by side in rows with segment ids and per-segment positions) instead
+        of padded ones; ``sft``, ``unpaired``, ``pairwise`` and ``listwise`` data.
+      row_length: tokens per packed row (default the largest bucket, i.e. ``max_len``).
+      row_multiple: packed rows per batch are rounded up to a multiple of this (per process; the
+        number of devices the batch is split over).
       num_threads, prefetch: grain read options (batches prepared ahead in threads).
 
     ``get_state()`` returns a small JSON-able dict; ``set_state(state)`` resumes there.
@@ -279,6 +361,9 @@ class BatchIterator:
         process_index: int | None = None,
         process_count: int | None = None,
         with_positions: bool = False,
+        packing: bool = False,
+        row_length: int | None = None,
+        row_multiple: int = 1,
         num_threads: int = 1,
         prefetch: int = 2,
     ):
@@ -330,6 +415,16 @@ class BatchIterator:
                 "(use drop_remainder=False)"
             )
         self._num_responses = dataset.num_responses() if dataset.kind == "listwise" else None
+        self.packing = bool(packing)
+        self.row_length = int(row_length or self.buckets[-1])
+        self.row_multiple = int(row_multiple)
+        if self.packing:
+            self.k = num_segments_per_example(dataset, self._num_responses)
+            if self.row_length < self.lengths.max(initial=0) or self.row_multiple < 1:
+                raise ValueError(
+                    f"row_length={self.row_length} must hold the longest sequence "
+                    f"({self.lengths.max()} tokens) and row_multiple={self.row_multiple} be >= 1"
+                )
         plan = _BatchPlan(self)
         self._plan = plan
         ds = grain.MapDataset.source(plan).map(self._collate)
@@ -339,6 +434,15 @@ class BatchIterator:
 
     def _collate(self, item):
         indices, seq_len = item
+        if self.packing:  # seq_len is the number of packed rows
+            return collate_packed(
+                self.dataset,
+                indices,
+                self.row_length,
+                seq_len,
+                num_responses=self._num_responses,
+                example_offset=self.process_index * self.local_batch_size,
+            )
         return collate(
             self.dataset,
             indices,
@@ -398,6 +502,28 @@ class BatchIterator:
     def step(self) -> int:
         """Number of batches consumed so far (the next batch's global index)."""
         return int(self._iter.get_state()["next_index"])
+
+
+def padding_fractions(it: BatchIterator, epoch: int = 0) -> dict[str, float]:
+    """The share of token slots that hold padding over one epoch of ``it``'s batches.
+
+    Returns ``{"padded": ..., "packed": ...}``: the same batches (the same examples in each) as
+    padded rows (every sequence a row of the batch's bucket length; padding rows count as
+    padding) and as packed rows of ``it.row_length`` (:mod:`prefjax.data.packing`), whichever of
+    the two ``it`` emits.
+    """
+    ds, k = it.dataset, num_segments_per_example(it.dataset, it._num_responses)
+    real = padded = packed = 0
+    for glob in it._plan.epoch_plan(epoch):
+        lengths = sequence_lengths(ds, glob, k)
+        real += int(lengths.sum())
+        longest = int(it.lengths[glob[glob >= 0]].max()) if (glob >= 0).any() else 1
+        padded += len(glob) * k * bucket_length(longest, it.buckets)
+        local = it.local_batch_size
+        shards = [glob[q * local : (q + 1) * local] for q in range(it.process_count)]
+        rows = max(rows_needed(ds, s, it.row_length, k) for s in shards)
+        packed += round_rows(rows, it.row_multiple) * it.process_count * it.row_length
+    return {"padded": padding_fraction(real, padded), "packed": padding_fraction(real, packed)}
 
 
 def eval_batches(dataset: TokenizedDataset, batch_size: int, **kw):

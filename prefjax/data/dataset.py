@@ -14,6 +14,9 @@ unpaired   ``prompt_ids*``, ``response_ids*``, ``label`` (1 desirable, 0 undesir
 listwise   ``prompt_ids*``, ``responses_ids*`` (each element an object array of K_i
            token arrays, best first)
 prompt     ``prompt_ids*``
+step       ``prompt_ids*``, ``response_ids*`` (the steps, each followed by the step
+           separator), ``step_labels*`` (aligned with ``response_ids``: the step's 0/1 label
+           at its separator token, -1 at every other token)
 =========  ==========================================================================
 
 Every kind also has ``prompt_id`` (strings, the split/grouping key) and ``source_index`` (the
@@ -28,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-KINDS = ("pairwise", "sft", "unpaired", "listwise", "prompt")
+KINDS = ("pairwise", "sft", "unpaired", "listwise", "prompt", "step")
 
 TOKEN_COLUMNS = {
     "pairwise": ("prompt_ids", "chosen_ids", "rejected_ids"),
@@ -36,6 +39,7 @@ TOKEN_COLUMNS = {
     "unpaired": ("prompt_ids", "response_ids"),
     "listwise": ("prompt_ids", "responses_ids"),
     "prompt": ("prompt_ids",),
+    "step": ("prompt_ids", "response_ids", "step_labels"),
 }
 
 # Columns that describe the example but never travel in a batch (strings, bookkeeping).

@@ -20,7 +20,7 @@ from prefjax.data.errors import DropReport, Row
 from prefjax.data.readers import read_records
 from prefjax.data.schemas import detect_kind_of_rows, validate_rows
 from prefjax.data.splits import check_leakage, group_key, grouped_split
-from prefjax.data.tasks import Bandit, RepeatTask
+from prefjax.data.tasks import ArithmeticTask, Bandit, RepeatTask
 from prefjax.data.tokenize import TruncationPolicy, tokenize
 
 
@@ -156,11 +156,19 @@ def preferred_as_sft(row, kind: str):
     return out
 
 
+def step_separator(data_config) -> str:
+    """``config.data.step_separator`` (``"\\n"`` for configs written before it existed)."""
+    return data_config.get("step_separator", "\n")
+
+
 def task_from_config(data_config):
-    """The built-in task of ``config.data`` (``task`` = ``"sequence"`` or ``"bandit"``)."""
+    """The built-in task of ``config.data`` (``task`` = ``"sequence"``, ``"bandit"`` or
+    ``"arithmetic"``)."""
     noise = float(data_config.label_noise)
     if data_config.task == "bandit":
         return Bandit.make(seed=data_config.seed, flip_prob=noise)
+    if data_config.task == "arithmetic":
+        return ArithmeticTask(separator=step_separator(data_config), flip_prob=noise)
     return RepeatTask(
         letters=data_config.sequence_letters,
         max_count=data_config.sequence_max_count,
@@ -169,12 +177,22 @@ def task_from_config(data_config):
 
 
 def _task_records(task, kind: str, num: int, seed: int, sft_responses: str) -> list[dict]:
+    if kind == "step":
+        if not isinstance(task, ArithmeticTask):
+            raise ValueError(
+                f"step-level data (a process reward model) needs per-step labels: the "
+                f"{type(task).__name__} task has none; set config.data.task='arithmetic' "
+                "(or 'files' with step-level rows)"
+            )
+        return task.step_records(num, seed=seed)
     if kind == "pairwise":
         return task.pairwise_records(num, seed=seed)
     if kind == "listwise":
         return task.listwise_records(num, seed=seed)
     if kind == "unpaired":
         return task.unpaired_records(num, seed=seed)
+    if kind == "prompt":
+        return task.prompt_records(num, seed=seed)
     if kind == "sft" and sft_responses == "base":
         return task.sft_records(num, seed=seed)
     if kind == "sft":
@@ -265,12 +283,14 @@ def datasets_from_config(data_config, tokenizer, kind: str = "pairwise") -> Spli
                 train_records, eval_fraction=d.eval_fraction, seed=d.seed
             )
         append_eos = True
-    elif d.task in ("sequence", "bandit"):
+    elif d.task in ("sequence", "bandit", "arithmetic"):
         task = task_from_config(d)
         train_records, eval_records, held_out = _task_split(d, task, kind)
         append_eos = not isinstance(task, Bandit)  # an arm is one token, no EOS
     else:
-        raise ValueError(f"config.data.task={d.task!r}: expected 'sequence', 'bandit' or 'files'")
+        raise ValueError(
+            f"config.data.task={d.task!r}: expected 'sequence', 'bandit', 'arithmetic' or 'files'"
+        )
     train, held = (
         tokenize(
             records,
@@ -279,6 +299,7 @@ def datasets_from_config(data_config, tokenizer, kind: str = "pairwise") -> Spli
             max_len=d.max_len,
             max_prompt_len=d.max_prompt_len,
             append_eos=append_eos,
+            step_separator=step_separator(d),
         )
         for records in (train_records, eval_records)
     )

@@ -32,6 +32,7 @@ TFDS_TEXT_FIELDS = {
     "unpaired": ("prompt", "completion"),
     "sft": ("prompt", "completion"),
     "prompt": ("prompt",),
+    "step": ("prompt",),  # steps and labels travel in the JSON of the `extra` feature
 }
 
 

@@ -1,6 +1,6 @@
 """Example schemas, recognised public layouts, and row-level validation.
 
-Five kinds of example, each normalised to one dict layout (text fields are strings or
+Six kinds of example, each normalised to one dict layout (text fields are strings or
 conversations, i.e. lists of ``{"role": str, "content": str}`` messages):
 
 =========  ======================================================================================
@@ -11,6 +11,9 @@ listwise   ``prompt, responses`` (>= 2), ``ranking`` (a permutation, best first)
 unpaired   ``prompt, completion, label`` (1 desirable / 0 undesirable) [``prompt_id``]
 sft        ``prompt, completion`` [``prompt_id``]
 prompt     ``prompt`` [``prompt_id``]
+step       ``prompt, steps`` (>= 1 strings), ``labels`` (one 0/1 per step: 1 the solution is still
+           correct after this step) [``prompt_id``, numeric fields]; TRL's stepwise layout
+           ``prompt, completions, labels`` is read as the same (process reward models)
 =========  ======================================================================================
 
 Recognised input layouts (:func:`normalize`):
@@ -43,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from prefjax.data.errors import DataError, DropReport, Row
 from prefjax.data.tokenize import is_conversation, prompt_key
 
-KINDS = ("pairwise", "listwise", "unpaired", "sft", "prompt")
+KINDS = ("pairwise", "listwise", "unpaired", "sft", "prompt", "step")
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
 _TRUE_LABELS = {"1": 1, "0": 0, "true": 1, "false": 0, "desirable": 1, "undesirable": 0}
 _AB_LABELS = {
@@ -62,6 +65,8 @@ _AB_LABELS = {
 
 _PAIRWISE_KEYS = frozenset({"chosen", "rejected", "response_a", "response_b"})
 _LISTWISE_KEYS = frozenset({"responses", "ranking", "scores"})
+# Step-level (process) supervision: ``steps`` or TRL's ``completions``, with per-step ``labels``.
+_STEP_KEYS = frozenset({"steps", "completions", "labels"})
 
 
 def detect_kind(record: Mapping) -> str:
@@ -70,7 +75,8 @@ def detect_kind(record: Mapping) -> str:
     A key only one kind has decides, even when the kind's other keys are missing, so a
     malformed row is never taken for a valid row of another kind (normalising it then names the
     missing field): any of ``chosen`` / ``rejected`` / ``response_a`` / ``response_b`` is
-    pairwise; ``responses`` / ``ranking`` / ``scores`` listwise; ``label`` unpaired;
+    pairwise; ``responses`` / ``ranking`` / ``scores`` listwise; ``steps`` / ``completions`` /
+    ``labels`` step; ``label`` unpaired;
     ``completion`` / ``response`` / ``messages`` sft; ``prompt`` alone prompt.
 
     >>> detect_kind({"prompt": "q", "chosen": "a"})  # 'rejected' is missing, not a prompt row
@@ -81,6 +87,8 @@ def detect_kind(record: Mapping) -> str:
         return "pairwise"
     if keys & _LISTWISE_KEYS:
         return "listwise"
+    if keys & _STEP_KEYS:
+        return "step"
     if "label" in keys:
         return "unpaired"
     if {"completion", "response"} & keys or "messages" in keys:
@@ -492,7 +500,57 @@ def _prompt(row: Row) -> dict:
     return out
 
 
+def _step_label(row: Row, field: str, raw) -> int:
+    """One step's label: true/false, 1/0 or their strings (``"+"``/``"-"``, as PRM800K rates)."""
+    if isinstance(raw, bool):
+        return int(raw)
+    if isinstance(raw, (int, float)) and raw in (0, 1):
+        return int(raw)
+    if isinstance(raw, str) and raw.strip().lower() in {**_TRUE_LABELS, "+": 1, "-": 0}:
+        return {**_TRUE_LABELS, "+": 1, "-": 0}[raw.strip().lower()]
+    raise row.error(f"must be binary (true/false or 1/0), got {raw!r}", field=field, code="label")
+
+
+def _step(row: Row) -> dict:
+    d = row.data
+    sf = "steps" if "steps" in d or "completions" not in d else "completions"
+    _require(row, "prompt", sf, "labels")
+    prompt = check_text(row, "prompt", d["prompt"])
+    steps, labels = d[sf], d["labels"]
+    for name, value in ((sf, steps), ("labels", labels)):
+        if not isinstance(value, list):
+            raise row.error(
+                f"must be a list, got {type(value).__name__}", field=name, code="wrong_type"
+            )
+    if not steps:
+        raise row.error("needs at least one step", field=sf, code="empty")
+    for j, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise row.error(
+                f"a step must be a string, got {type(step).__name__}",
+                field=f"{sf}[{j}]",
+                code="wrong_type",
+            )
+        if not step.strip():
+            raise row.error("empty step", field=f"{sf}[{j}]", code="empty")
+    if len(labels) != len(steps):
+        raise row.error(
+            f"has {len(labels)} labels for {len(steps)} steps (one per step)",
+            field="labels",
+            code="label",
+        )
+    out = {
+        "prompt": prompt,
+        "steps": list(steps),
+        "labels": [_step_label(row, f"labels[{j}]", x) for j, x in enumerate(labels)],
+    }
+    _prompt_id(row, out)
+    _numeric(row, out, {"prompt", sf, "labels", "prompt_id"})
+    return out
+
+
 _NORMALIZERS = {
+    "step": _step,
     "pairwise": _pairwise,
     "listwise": _listwise,
     "unpaired": _unpaired,
@@ -534,6 +592,7 @@ _DEDUP_FIELDS = {
     "unpaired": "prompt, completion, label",
     "sft": "prompt, completion",
     "prompt": "prompt",
+    "step": "prompt, steps",
 }
 
 
@@ -550,6 +609,8 @@ def _dedup_key(kind: str, d: dict):
         return (prompt_key(d["prompt"]), prompt_key(d["completion"]), d["label"])
     if kind == "sft":
         return (prompt_key(d["prompt"]), prompt_key(d["completion"]))
+    if kind == "step":
+        return (prompt_key(d["prompt"]), json.dumps(d["steps"]))
     return (prompt_key(d["prompt"]), d.get("prompt_id"))
 
 

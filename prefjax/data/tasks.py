@@ -1,6 +1,6 @@
 r"""Built-in synthetic tasks with known ground-truth rewards.
 
-Two tasks, both generated deterministically from a seed and small enough to train a tiny
+Three tasks, all generated deterministically from a seed and small enough to train a tiny
 byte-level model on in about a minute on a CPU:
 
 * :class:`Bandit` — a KL-regularised contextual bandit. A few prompts, ``K`` arms that are
@@ -13,6 +13,11 @@ byte-level model on in about a minute on a CPU:
   ``c`` (e.g. ``"b*3="`` -> ``"bbb"``); the gold reward is graded,
   :math:`r = \max(0,\ 1 - (|k - n| + m)/n)` with ``k`` copies of ``c`` and ``m`` other
   characters in the response, so 1 is perfect and near misses score in between.
+* :class:`ArithmeticTask` — a multi-step task with known per-step correctness, for process
+  reward models. The prompt ``"s+dxn="`` asks to add ``d`` to ``s`` ``n`` times, one digit per
+  step modulo 10 (``"3+2x4="`` -> steps ``5, 7, 9, 1``); step ``k`` is correct when the steps up
+  to it all equal the running values (the first-error labelling of PRM800K / Math-Shepherd), and
+  the gold reward is the fraction of the ``n`` steps solved before the first error.
 
 Preferences are labelled by the Bradley-Terry model under the true reward with a known
 temperature :math:`\tau` and optional symmetric flip rate :math:`\varepsilon`:
@@ -619,10 +624,230 @@ class RepeatTask(_TaskDatasets):
         return c * n
 
 
+# ========================================================================== arithmetic task
+_ARITH_RE = re.compile(r"^(\d)\+(\d)x(\d+)=$")
+
+
+@dataclasses.dataclass
+class ArithmeticTask(_TaskDatasets):
+    r"""Multi-step arithmetic with known per-step correctness (process supervision).
+
+    The prompt ``"s+dxn="`` asks for ``n`` steps; step ``i`` (1-based) should be the digit
+    :math:`v_i = (s + i\,d) \bmod 10`. A response is its steps, each followed by
+    ``separator``. The base distribution (what step data is sampled from) writes ``n`` steps,
+    each ``(previous + d) mod 10`` of the digit it wrote before with probability ``p_correct``
+    and otherwise another digit, so one slip shifts every later step (locally consistent, globally
+    wrong: a process reward model must look back past the last step to see it).
+
+    Per-step gold labels follow the first-error rule: :math:`\ell_k = 1` iff steps ``1..k`` all
+    equal :math:`v_1..v_k`; the minimum of the labels is then the outcome (the whole solution is
+    right), the quantity a PRM's ``min`` aggregation estimates. The gold reward of a response is
+    ``(steps correct before the first error) / max(n, number of steps)``, 1 only for the exact
+    solution.
+
+    Attributes:
+      increments: the ``d`` that prompts use (default ``(1,)``, counting on by one: a tiny model
+        learns to judge its steps in a few hundred steps; ``(1, 2, 3)`` takes several times
+        longer).
+      min_steps, max_steps: the range of ``n``.
+      p_correct: per-step accuracy of the base distribution.
+      separator: the text that ends every step (one token under the tokenizer).
+      temperature, flip_prob: Bradley-Terry noise of the pairwise records.
+
+    Example:
+      >>> task = ArithmeticTask(increments=(1, 2, 3))
+      >>> task.solution("3+2x4=")
+      ['5', '7', '9', '1']
+      >>> task.step_labels("3+2x4=", ["5", "8", "0", "2"])  # a slip at step 2, then consistent
+      [1, 0, 0, 0]
+      >>> task.gold_reward("3+2x4=", "5\n8\n0\n2\n")
+      0.25
+    """
+
+    increments: tuple = (1,)
+    min_steps: int = 2
+    max_steps: int = 6
+    p_correct: float = 0.8
+    separator: str = "\n"
+    temperature: float = 0.1
+    flip_prob: float = 0.0
+    default_max_len = 32
+
+    def __post_init__(self):
+        self.increments = tuple(int(d) for d in self.increments)
+        if not self.increments or any(not 1 <= d <= 9 for d in self.increments):
+            raise ValueError(f"increments must be digits 1..9, got {self.increments}")
+        if not 1 <= self.min_steps <= self.max_steps <= 99:
+            raise ValueError(
+                f"need 1 <= min_steps <= max_steps <= 99, got {self.min_steps}, {self.max_steps}"
+            )
+        if not 0.0 <= self.p_correct <= 1.0:
+            raise ValueError(f"p_correct must be in [0, 1], got {self.p_correct}")
+        if not self.separator or any(ch.isdigit() for ch in self.separator):
+            raise ValueError(f"separator must be non-empty and digit-free, got {self.separator!r}")
+        _check_noise(self.temperature, self.flip_prob)
+
+    @property
+    def prompts(self) -> list[str]:
+        """All ``10 * len(increments) * (max_steps - min_steps + 1)`` prompts."""
+        return [
+            f"{s}+{d}x{n}="
+            for s in range(10)
+            for d in self.increments
+            for n in range(self.min_steps, self.max_steps + 1)
+        ]
+
+    @staticmethod
+    def parse_prompt(prompt: str) -> tuple[int, int, int]:
+        """``"3+2x4="`` -> ``(3, 2, 4)``."""
+        m = _ARITH_RE.match(prompt)
+        if m is None:
+            raise ValueError(f"not an ArithmeticTask prompt: {prompt!r}")
+        return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+    def solution(self, prompt: str) -> list[str]:
+        """The correct steps ``[v_1, ..., v_n]`` as digit strings."""
+        s, d, n = self.parse_prompt(prompt)
+        return [str((s + i * d) % 10) for i in range(1, n + 1)]
+
+    def step_labels(self, prompt: str, steps) -> list[int]:
+        """First-error labels: 1 while every step so far equals the solution, then 0."""
+        sol = self.solution(prompt)
+        out, ok = [], True
+        for i, step in enumerate(steps):
+            ok = ok and i < len(sol) and step.strip() == sol[i]
+            out.append(int(ok))
+        return out
+
+    def split_steps(self, response: str) -> list[str]:
+        """The steps of a response text (split at the separator; a trailing empty part and
+        everything after an empty step are dropped)."""
+        parts = response.split(self.separator)
+        out = []
+        for part in parts:
+            if not part.strip():
+                break
+            out.append(part)
+        return out
+
+    def join_steps(self, steps) -> str:
+        """Response text of ``steps``: each followed by the separator."""
+        return "".join(step + self.separator for step in steps)
+
+    def gold_reward(self, prompt: str, response: str) -> float:
+        """``(steps correct before the first error) / max(n, number of steps)``."""
+        _, _, n = self.parse_prompt(prompt)
+        steps = self.split_steps(response)
+        return sum(self.step_labels(prompt, steps)) / max(n, len(steps))
+
+    def sample_steps(self, rng, prompt: str) -> list[str]:
+        """One response's steps from the base distribution."""
+        s, d, n = self.parse_prompt(prompt)
+        prev, out = s, []
+        for _ in range(n):
+            nxt = (prev + d) % 10
+            if rng.random() >= self.p_correct:
+                nxt = (nxt + int(rng.integers(1, 10))) % 10  # any other digit
+            out.append(str(nxt))
+            prev = nxt
+        return out
+
+    def _prompt(self, rng) -> str:
+        s = int(rng.integers(10))
+        d = self.increments[int(rng.integers(len(self.increments)))]
+        return f"{s}+{d}x{int(rng.integers(self.min_steps, self.max_steps + 1))}="
+
+    def step_records(self, num: int, *, seed: int = 0) -> list[dict]:
+        """``num`` base responses with their first-error step labels (``step`` kind) and the
+        response's gold reward."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(num):
+            prompt = self._prompt(rng)
+            steps = self.sample_steps(rng, prompt)
+            out.append(
+                {
+                    "prompt": prompt,
+                    "steps": steps,
+                    "labels": self.step_labels(prompt, steps),
+                    "prompt_id": prompt,
+                    "gold_reward": self.gold_reward(prompt, self.join_steps(steps)),
+                }
+            )
+        return out
+
+    def step_dataset(
+        self, tokenizer, num, *, seed=0, max_len=None, max_prompt_len=None, **kw
+    ) -> TokenizedDataset:
+        """Tokenised :meth:`step_records` (the separator is this task's)."""
+        kw.setdefault("step_separator", self.separator)
+        return self._tok(
+            "step",
+            self.step_records(num, seed=seed),
+            tokenizer,
+            max_len or self.default_max_len,
+            max_prompt_len,
+            **kw,
+        )
+
+    def pairwise_records(self, num: int, *, seed: int = 0) -> list[dict]:
+        """``num`` pairs of distinct base responses labelled by Bradley-Terry under the gold
+        reward (an outcome reward model's data for the same task)."""
+        rng = np.random.default_rng(seed)
+        out = []
+        while len(out) < num:
+            prompt = self._prompt(rng)
+            a, b = (self.join_steps(self.sample_steps(rng, prompt)) for _ in range(2))
+            if a == b:
+                continue
+            ra, rb = self.gold_reward(prompt, a), self.gold_reward(prompt, b)
+            prob = preference_probability(
+                ra, rb, temperature=self.temperature, flip_prob=self.flip_prob
+            )
+            if rng.random() >= prob:
+                a, b, ra, rb = b, a, rb, ra
+            out.append(
+                {
+                    "prompt": prompt,
+                    "chosen": a,
+                    "rejected": b,
+                    "prompt_id": prompt,
+                    "chosen_gold_reward": float(ra),
+                    "rejected_gold_reward": float(rb),
+                }
+            )
+        return out
+
+    def sft_records(self, num: int, *, seed: int = 0) -> list[dict]:
+        """``num`` base-distribution responses as demonstrations."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(num):
+            prompt = self._prompt(rng)
+            text = self.join_steps(self.sample_steps(rng, prompt))
+            out.append({"prompt": prompt, "completion": text, "prompt_id": prompt})
+        return out
+
+    def prompt_records(self, num: int, *, seed: int = 0) -> list[dict]:
+        """``num`` prompts for sampling (best-of-N, online methods)."""
+        rng = np.random.default_rng(seed)
+        return [{"prompt": p, "prompt_id": p} for p in (self._prompt(rng) for _ in range(num))]
+
+    def optimal_response(self, prompt: str) -> str:
+        """The response with gold reward 1."""
+        return self.join_steps(self.solution(prompt))
+
+
+TASK_NAMES = ("bandit", "sequence", "arithmetic")
+
+
 def make_task(name: str, **kw):
-    """``"bandit"`` -> :meth:`Bandit.make`, ``"sequence"`` -> :class:`RepeatTask` (kw passed on)."""
+    """``"bandit"`` -> :meth:`Bandit.make`, ``"sequence"`` -> :class:`RepeatTask`,
+    ``"arithmetic"`` -> :class:`ArithmeticTask` (kw passed on)."""
     if name == "bandit":
         return Bandit.make(**kw)
     if name == "sequence":
         return RepeatTask(**kw)
-    raise ValueError(f"unknown built-in task {name!r} (expected 'bandit' or 'sequence')")
+    if name == "arithmetic":
+        return ArithmeticTask(**kw)
+    raise ValueError(f"unknown built-in task {name!r} (expected one of {TASK_NAMES})")

@@ -19,6 +19,15 @@ Truncation (:class:`TruncationPolicy`), applied per example:
 If ``max_prompt_len`` is ``None`` the prompt is only limited by ``max_len``; an example whose
 response would keep fewer than ``min_response_len`` tokens is reported as a :class:`DataError`
 (``code="response_truncated"``) — raised, or dropped and listed with ``on_error="drop"``.
+
+Step-level examples (kind ``step``, for process reward models): the response is the steps in
+order, each encoded on its own and followed by the one-token ``step_separator`` (default
+``"\\n"``), then EOS: ``encode(s_1) + [sep] + ... + encode(s_n) + [sep] + [eos]``. The step's label
+sits at its separator token in ``step_labels`` (-1 at every other token), so a process reward
+model reads its step scores where a scorer of generated text finds separators. A step whose text
+contains the separator token is an error (``code="separator"``: the scorer would see a step end
+inside it); a truncated response keeps the labels of the steps whose separator survives, and an
+example left with none is ``response_truncated``.
 """
 
 from __future__ import annotations
@@ -40,8 +49,11 @@ TEXT_FIELDS = {
     "unpaired": ("prompt", "completion"),
     "listwise": ("prompt", "responses"),
     "prompt": ("prompt",),
+    "step": ("prompt", "steps"),
 }
-_RESERVED = {"prompt_id", "label", "ranking", "metadata"}
+_RESERVED = {"prompt_id", "label", "ranking", "metadata", "labels"}
+# No label at this token of ``step_labels`` (it is not a step's separator).
+NO_STEP_LABEL = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +155,41 @@ class _Encoder:
         text = render_response(prompt, response, self.tok)
         return np.asarray(list(self.tok.encode(text)) + self.eos, np.int32)
 
+    def steps(self, row: Row, steps, labels, sep: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, step_labels)`` of one step-level response (see the module docstring)."""
+        ids: list[int] = []
+        out: list[int] = []
+        for j, (step, label) in enumerate(zip(steps, labels, strict=True)):
+            body = list(self.tok.encode(step))
+            if sep in body:
+                raise row.error(
+                    f"contains the step separator token {sep} (a scorer would end the step "
+                    "there); choose another step_separator",
+                    field=f"steps[{j}]",
+                    code="separator",
+                )
+            ids += body + [sep]
+            out += [NO_STEP_LABEL] * len(body) + [int(label)]
+        ids += self.eos
+        out += [NO_STEP_LABEL] * len(self.eos)
+        return np.asarray(ids, np.int32), np.asarray(out, np.int32)
+
+
+def step_separator_id(tokenizer, step_separator: str) -> int:
+    """The one token id of ``step_separator``; a ``ValueError`` when it encodes to more or less.
+
+    >>> from prefjax.tokenizer import ByteTokenizer
+    >>> step_separator_id(ByteTokenizer(), "\\n")
+    10
+    """
+    ids = list(tokenizer.encode(step_separator))
+    if len(ids) != 1:
+        raise ValueError(
+            f"step_separator={step_separator!r} encodes to {len(ids)} tokens {ids}; a step "
+            "separator must be exactly one token"
+        )
+    return int(ids[0])
+
 
 def _numeric_columns(rows: Sequence[Row], kind: str) -> list[str]:
     """Numeric top-level fields present in every row (they become batch columns)."""
@@ -173,6 +220,7 @@ def tokenize(
     append_eos: bool = True,
     on_error: str = "raise",
     source: str | None = None,
+    step_separator: str = "\n",
 ) -> TokenizedDataset:
     """Tokenises normalised examples of one ``kind`` into a :class:`TokenizedDataset`.
 
@@ -195,6 +243,7 @@ def tokenize(
       on_error: ``"raise"`` the first :class:`DataError`, or ``"drop"`` the row (listed in
         ``dataset.info["dropped"]``, a :class:`DropReport`, and logged).
       source: file name for rows given as plain dicts.
+      step_separator: ``step`` kind: the one-token text placed after every step.
 
     Returns:
       A :class:`TokenizedDataset`; ``info`` holds ``num_prompt_truncated``,
@@ -223,6 +272,7 @@ def tokenize(
     truncation = truncation or TruncationPolicy()
     rows = as_rows(records, source=source)
     enc = _Encoder(tokenizer, add_bos, append_eos)
+    sep = step_separator_id(tokenizer, step_separator) if kind == "step" else None
     extra = _numeric_columns(rows, kind)
     report = DropReport()
     out: dict[str, list] = {name: [] for name in ("prompt_id", "source_index", *extra)}
@@ -232,6 +282,7 @@ def tokenize(
         "unpaired": {"prompt_ids": [], "response_ids": []},
         "listwise": {"prompt_ids": [], "responses_ids": []},
         "prompt": {"prompt_ids": []},
+        "step": {"prompt_ids": [], "response_ids": [], "step_labels": []},
     }[kind]
     labels: list[int] = []
     stats = {"num_prompt_truncated": 0, "num_response_truncated": 0, "num_became_identical": 0}
@@ -246,8 +297,13 @@ def tokenize(
             prompt = d["prompt"]
             p = enc.prompt(prompt)
             p_cut = _cut(p, p_limit, truncation.prompt)
+            step_labels = None
             if kind == "prompt":
                 responses, resp_fields = [], []
+            elif kind == "step":
+                resp_fields = ["steps"]
+                ids, step_labels = enc.steps(row, d["steps"], d["labels"], sep)
+                responses = [ids]
             elif kind == "pairwise":
                 resp_fields = ["chosen", "rejected"]
                 responses = [enc.response(prompt, d["chosen"]), enc.response(prompt, d["rejected"])]
@@ -271,6 +327,15 @@ def tokenize(
                         field=name,
                         code="response_truncated",
                     )
+            if step_labels is not None:
+                step_labels = _cut(step_labels, room, truncation.response)
+                if not (step_labels != NO_STEP_LABEL).any():
+                    raise row.error(
+                        f"no step's separator survives truncation to {room} response tokens "
+                        f"(max_len={max_len}); raise max_len",
+                        field="steps",
+                        code="response_truncated",
+                    )
         except DataError as err:
             if on_error == "raise":
                 raise
@@ -289,6 +354,8 @@ def tokenize(
             tok_cols["responses_ids"].append(object_array(cut))
         elif kind != "prompt":
             tok_cols["response_ids"].append(cut[0])
+        if kind == "step":
+            tok_cols["step_labels"].append(step_labels)
         if kind == "unpaired":
             labels.append(int(d["label"]))
         out["prompt_id"].append(str(d["prompt_id"]) if "prompt_id" in d else prompt_key(prompt))

@@ -12,7 +12,7 @@ Runs the loaders' checks on every row (without stopping at the first error) and 
   chosen response is longer: the usual source of length bias in preference training);
 * with ``--against EVAL_FILE``, prompt leakage between the two sets.
 
-``--task sequence|bandit`` reports on a built-in task's generated data instead of a file.
+``--task sequence|bandit|arithmetic`` reports on a built-in task's generated data instead of a file.
 
 Reading goes on past a broken line (not JSON, not UTF-8, not an object), which is reported with
 the rows' errors; all errors are counted, the first ``--max-errors`` printed, and at most
@@ -94,6 +94,10 @@ def report_rows(kind, rows, errors: DropReport, tokenizer, num_read: int) -> dic
             lengths.setdefault("completion", []).append(
                 ntok(render_response(d["prompt"], d["completion"], tokenizer))
             )
+        elif kind == "step":
+            lengths.setdefault("steps", []).append(
+                ntok("".join(d["steps"])) + len(d["steps"])  # + one separator per step
+            )
         elif kind == "listwise":
             for y in d["responses"]:
                 lengths.setdefault("responses", []).append(
@@ -111,6 +115,11 @@ def report_rows(kind, rows, errors: DropReport, tokenizer, num_read: int) -> dic
         }
     if kind == "unpaired" and rows:
         rep["frac_desirable"] = float(np.mean([r.data["label"] for r in rows]))
+    if kind == "step" and rows:
+        labels = [x for r in rows for x in r.data["labels"]]
+        rep["steps_per_example"] = _stats([len(r.data["steps"]) for r in rows])
+        rep["frac_correct_steps"] = float(np.mean(labels))
+        rep["frac_all_steps_correct"] = float(np.mean([min(r.data["labels"]) for r in rows]))
     return rep
 
 
@@ -152,6 +161,12 @@ def format_report(rep: dict, errors: DropReport, max_errors: int = 20) -> str:
         )
     if "frac_desirable" in rep:
         out.append(f"desirable: {rep['frac_desirable']:.1%}")
+    if "frac_correct_steps" in rep:
+        out.append(
+            f"steps: {rep['steps_per_example']['mean']:.2f} per example, "
+            f"{rep['frac_correct_steps']:.1%} labelled correct, "
+            f"{rep['frac_all_steps_correct']:.1%} of examples correct at every step"
+        )
     shown = errors.dropped[: max(max_errors, 0)]
     out.extend(f"ERROR {err}" for err in shown)
     if len(errors.dropped) > len(shown):
@@ -234,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--kind",
         default=None,
-        help="pairwise | listwise | unpaired | sft | prompt (default: detect)",
+        help="pairwise | listwise | unpaired | sft | prompt | step (default: detect)",
     )
     p.add_argument(
         "--tokenizer",
@@ -246,7 +261,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--task",
         default=None,
-        choices=("sequence", "bandit"),
+        choices=("sequence", "bandit", "arithmetic"),
         help="report on a built-in task instead of files",
     )
     p.add_argument("--num", type=int, default=2000, help="examples to generate with --task")

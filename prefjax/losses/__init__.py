@@ -16,6 +16,7 @@ from prefjax.losses.preference import dpo_loss, ipo_loss, robust_dpo_loss
 from prefjax.losses.preference import exo_pair_loss, nca_pair_loss, sppo_hard_loss
 from prefjax.losses.preference import kto_loss, kto_reference_point, listwise_dpo_loss
 from prefjax.losses.preference import PAIRWISE_LOSSES
+from prefjax.losses.preference import process_reward_loss
 
 # --- advantages.py, kl.py and policy_gradient.py ---
 from prefjax.losses.advantages import GAEOutput, discounted_returns, gae

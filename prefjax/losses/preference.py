@@ -47,6 +47,7 @@ __all__ = [
     "KTOLossOutput",
     "bradley_terry_loss",
     "plackett_luce_loss",
+    "process_reward_loss",
     "dpo_loss",
     "robust_dpo_loss",
     "ipo_loss",
@@ -180,6 +181,45 @@ def bradley_terry_loss(
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(
         logits
     ) - label_smoothing * jax.nn.log_sigmoid(-logits)
+
+
+def process_reward_loss(
+    step_logits: ArrayLike, step_labels: ArrayLike, step_mask: ArrayLike
+) -> jax.Array:
+    r"""Process reward model loss: binary cross-entropy of each labelled step, summed per example.
+
+    .. math:: \ell = -\sum_{t} m_t \big[ y_t \log\sigma(z_t) + (1 - y_t)\log\sigma(-z_t) \big]
+
+    :math:`z_t` is the model's logit at token :math:`t`, :math:`\sigma(z_t)` its probability that
+    the solution is still correct after the step ending there; :math:`m_t` marks the tokens where
+    a labelled step ends (its separator) and :math:`y_t \in \{0, 1\}` is the step's label
+    (Lightman et al., 2023, PRM800K; Wang et al., 2024, Math-Shepherd, Eq. 1). The sum over steps
+    is per example so the caller chooses the normaliser (mean over steps: divide by
+    ``step_mask.sum()``).
+
+    Args:
+      step_logits: ``[batch, seq]`` logits at every token (only the masked ones count).
+      step_labels: ``[batch, seq]`` 0/1 labels (bool, int or float; read where ``step_mask``).
+      step_mask: ``[batch, seq]`` 1/True at each labelled step's last token.
+
+    Returns:
+      ``[batch]`` float32 summed step losses (0 for a row without labelled steps).
+
+    Example:
+      >>> z = jnp.array([[2.0, 0.0, -1.0]])
+      >>> loss = process_reward_loss(z, jnp.array([[1, 0, 0]]), jnp.array([[1, 0, 1]]))
+      >>> print(f"{float(loss[0]):.4f}")  # -log sigma(2) - log sigma(1)
+      0.4402
+
+    References:
+      Lightman et al. (2023), "Let's Verify Step by Step"; Wang et al. (2024), Math-Shepherd.
+    """
+    step_logits, step_labels = _upcast(step_logits), jnp.asarray(step_labels)
+    chex.assert_equal_shape((step_logits, step_labels, jnp.asarray(step_mask)))
+    y = step_labels.astype(step_logits.dtype)
+    # log_sigmoid(x) and log_sigmoid(-x): finite for any |x|, unlike log(sigmoid(x)).
+    per_token = -(y * jax.nn.log_sigmoid(step_logits) + (1 - y) * jax.nn.log_sigmoid(-step_logits))
+    return masked_sum(per_token, step_mask, axis=-1)
 
 
 def plackett_luce_loss(scores: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:

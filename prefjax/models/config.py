@@ -88,9 +88,14 @@ class TransformerConfig:
         ``layer_types``); ``None`` means all layers when ``sliding_window`` is set.
       attention_impl: ``implementation`` passed to ``jax.nn.dot_product_attention``: ``None``
         (let JAX choose), ``"xla"`` or ``"cudnn"`` (flash attention; bf16/fp16 on recent GPUs).
+      cache_block_size: KV-cache slots per block of the cached (prefill/decode) attention, which
+        reads only the blocks that hold tokens (see ``transformer.cached_attention``).
       dtype: compute dtype.
       param_dtype: parameter dtype.
       remat: one of ``"none"``, ``"full"``, ``"dots"`` (see ``REMAT_POLICIES``).
+      scan_unroll: compile the layer scan unrolled (one copy of the block per layer: the same
+        arithmetic, a longer compilation). XLA's cost analysis counts a loop body once, so
+        ``prefjax.train.cost`` unrolls to count every layer's FLOPs.
       init_std: standard deviation of the normal initialiser of weight matrices and embeddings.
       model_type: the Hugging Face family used on export (``"llama"``, ``"mistral"``, ``"qwen2"``,
         ``"gpt2"``).
@@ -119,9 +124,11 @@ class TransformerConfig:
     sliding_window: int | None = None
     sliding_window_layers: tuple[bool, ...] | None = None
     attention_impl: str | None = None
+    cache_block_size: int = 128
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    scan_unroll: bool = False
     init_std: float = 0.02
     model_type: str = "llama"
     bos_token_id: int | None = None
@@ -177,6 +184,7 @@ class TransformerConfig:
             "cuDNN flash attention needs dtype bfloat16 or float16",
         )
         check(self.max_positions > 0, "max_positions", "must be positive")
+        check(self.cache_block_size > 0, "cache_block_size", "must be positive")
 
     def layer_windows(self):
         """Per-layer sliding window sizes (0 = full attention), or ``None`` without windows."""
@@ -192,8 +200,9 @@ class TransformerConfig:
 
     def for_init(self) -> TransformerConfig:
         """The config used to create parameters: attention kernel and remat do not change the
-        parameters, so initialisation always traces the plain XLA path (also on CPU hosts)."""
-        return dataclasses.replace(self, attention_impl=None, remat="none")
+        parameters, so initialisation always traces the plain XLA path (also on CPU hosts); nor does
+        unrolling the layer scan."""
+        return dataclasses.replace(self, attention_impl=None, remat="none", scan_unroll=False)
 
     def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""

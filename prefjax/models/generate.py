@@ -1,9 +1,12 @@
 """Sampling from a causal LM with the fixed-shape KV cache.
 
-:func:`generate` prefills the prompt once, then runs one :meth:`Model.decode_step` per new token
-inside a ``lax.while_loop`` (stopping early when every row has produced EOS). Everything has fixed
-shapes, so the whole sampler is one jitted program per ``(config, max_new_tokens, sampling
-settings)``; params, prompts, adapters and the key are ordinary traced arguments.
+:func:`generate` prefills the prompt once, samples the first token from the prompt's last logits,
+then runs one :meth:`Model.decode_step` and one sampling step per further token inside a
+``lax.while_loop`` (stopping early when every row has produced EOS). Everything has fixed shapes,
+so the whole sampler is one jitted program per ``(config, max_new_tokens, sampling settings)``;
+params, prompts, adapters and the key are ordinary traced arguments. The loop carries the KV cache,
+which every step updates in place (only the new token's keys/values are written), and the last
+token needs no decode step, so ``N`` new tokens cost ``N - 1`` steps.
 
 Prompts may be left-padded (the usual choice) or right-padded: the first new token is sampled from
 the logits at each row's last real prompt token, and positions continue from the number of real
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 
 from prefjax.models.config import TransformerConfig
 from prefjax.models.model import LoRA, Model, Params
-from prefjax.models.transformer import last_token_index
+from prefjax.models.transformer import KVCache, last_token_index
 
 
 class GenerateOutput(NamedTuple):
@@ -87,14 +90,27 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-class _Carry(NamedTuple):
-    step: jax.Array  # [] index of the token sampled next
-    cache: object
-    logits: jax.Array  # [B, V] logits for the token sampled next
+class _Sampled(NamedTuple):
+    """What the loop keeps of the tokens sampled so far."""
+
+    step: jax.Array  # [] number of tokens sampled so far
     key: jax.Array
     tokens: jax.Array  # [B, N]
     logprobs: jax.Array  # [B, N]
     done: jax.Array  # [B] bool, EOS already produced
+
+
+class _Carry(NamedTuple):
+    cache: KVCache
+    sampled: _Sampled
+
+
+def _token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
+    """``log softmax(logits / temperature)[tokens]`` ``[B]`` as ``z[token] - logsumexp(z)``:
+    one reduction over the vocabulary instead of a ``[B, V]`` log-softmax array."""
+    z = logits if temperature == 0.0 else logits / temperature
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(z, axis=-1)
 
 
 @functools.partial(
@@ -129,42 +145,54 @@ def _generate(
     model = Model(config, None, head=head)
     batch, prompt_len = prompt_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model.prefill(params, prompt_ids, prompt_mask, cache, lora=lora)
+    # The LM head only at each row's last prompt token: [B, D] @ [D, V], not [B, P, D] @ [D, V]
+    # (at batch 32 and 64-token prompts the full prompt logits cost as much as 64 decode steps).
+    hidden, cache = model.prefill(
+        params, prompt_ids, prompt_mask, cache, lora=lora, return_hidden=True
+    )
     last = last_token_index(prompt_mask)
-    first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    first_logits = jnp.einsum(
+        "bd,dv->bv", last_hidden, model.unembedding(params), preferred_element_type=jnp.float32
+    )
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
+    def sample(s: _Sampled, logits: jax.Array) -> _Sampled:
+        # Sample token `s.step` from its logits [B, V]; rows past their EOS get pad_id.
+        key, subkey = jax.random.split(s.key)
+        logits = logits.astype(jnp.float32)
+        tok = sample_logits(subkey, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        logp = _token_logprobs(logits, tok, temperature)
+        tok = jnp.where(s.done, pad_id, tok)
+        logp = jnp.where(s.done, 0.0, logp)
+        return _Sampled(
+            step=s.step + 1,
+            key=key,
+            tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, logp[:, None], (0, s.step)),
+            done=s.done | jnp.isin(tok, eos),
+        )
+
     def cond(c: _Carry):
-        return (c.step < max_new_tokens) & ~jnp.all(c.done)
+        return (c.sampled.step < max_new_tokens) & ~jnp.all(c.sampled.done)
 
     def body(c: _Carry):
-        key, subkey = jax.random.split(c.key)
-        tok = sample_logits(subkey, c.logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        scaled = c.logits if temperature == 0.0 else c.logits / temperature
-        logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
-        tok = jnp.where(c.done, pad_id, tok)
-        logp = jnp.where(c.done, 0.0, logp)
-        tokens = jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step))
-        logprobs = jax.lax.dynamic_update_slice(c.logprobs, logp[:, None], (0, c.step))
-        done = c.done | jnp.isin(tok, eos)
-        # The next logits are only needed if another token will be sampled.
-        next_logits, cache = jax.lax.cond(
-            c.step + 1 < max_new_tokens,
-            lambda: model.decode_step(params, tok, c.cache, lora=lora),
-            lambda: (c.logits, c.cache),
-        )
-        return _Carry(c.step + 1, cache, next_logits, key, tokens, logprobs, done)
+        # Feed the last sampled token, then sample the next one from its logits.
+        tok = jax.lax.dynamic_index_in_dim(c.sampled.tokens, c.sampled.step - 1, 1, False)
+        logits, cache = model.decode_step(params, tok, c.cache, lora=lora)
+        return _Carry(cache, sample(c.sampled, logits))
 
-    init = _Carry(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        logits=first_logits.astype(jnp.float32),
-        key=key,
-        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
-        done=jnp.zeros((batch,), bool),
+    first = sample(
+        _Sampled(
+            step=jnp.zeros((), jnp.int32),
+            key=key,
+            tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+            logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+            done=jnp.zeros((batch,), bool),
+        ),
+        first_logits,
     )
-    final = jax.lax.while_loop(cond, body, init)
+    final = jax.lax.while_loop(cond, body, _Carry(cache, first)).sampled
     # A token counts if no EOS came strictly before it.
     is_eos = jnp.isin(final.tokens, eos)
     eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos

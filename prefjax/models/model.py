@@ -207,8 +207,10 @@ class Model:
         Args:
           params: parameter pytree.
           input_ids: ``[B, T]`` int token ids (left or right padded).
-          attention_mask: ``[B, T]`` 0/1, 1 for real tokens.
-          positions: ``[B, T]`` position ids; default ``cumsum(attention_mask) - 1``.
+          attention_mask: ``[B, T]`` 0/1, 1 for real tokens; or, for packed rows, 0 for padding
+            and each sequence's segment id (tokens attend within their segment only).
+          positions: ``[B, T]`` position ids; default ``cumsum(attention_mask) - 1`` (0/1 masks;
+            packed rows pass their per-segment positions).
           lora: optional adapters (the base ``params`` stay as given).
           key: PRNG key for LoRA dropout; without it dropout is off.
 
@@ -233,6 +235,18 @@ class Model:
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the final norm, compute dtype)."""
         return self._run(params, input_ids, attention_mask, positions, lora, key, True)
+
+    def reward_of_hidden(self, params: Params, hidden: jax.Array) -> jax.Array:
+        """The reward head on final hidden states: ``[..., D] -> [...]`` float32.
+
+        ``apply`` of a reward model reads the head at each row's last real token; packed rows
+        (several sequences per row) read it at each segment's last token instead, so they take
+        :meth:`hidden_states` and gather those tokens first.
+        """
+        if self.head != "reward":
+            raise ValueError(f"reward_of_hidden needs a reward head, this model's is {self.head!r}")
+        kernel = params["reward_head"]["kernel"].astype(jnp.float32)  # [D, 1]
+        return jnp.tensordot(hidden.astype(jnp.float32), kernel, axes=1)[..., 0]
 
     def unembedding(self, params: Params) -> jax.Array:
         """The ``[D, V]`` output matrix in the compute dtype, so that
@@ -300,6 +314,7 @@ class Model:
         cache: KVCache,
         *,
         lora: LoRA | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Run ``input_ids`` ``[B, T]`` through the model, appending them to ``cache``.
 
@@ -308,7 +323,9 @@ class Model:
         are best left-padded. The caller must keep ``cache.length + T <= cache.max_len``.
 
         Returns:
-          The head's output for the ``T`` tokens (logits ``[B, T, V]`` for an LM) and the cache.
+          The head's output for the ``T`` tokens (logits ``[B, T, V]`` for an LM), or with
+          ``return_hidden`` the final hidden states ``[B, T, D]`` (a sampler needs the logits of
+          the last prompt token only: ``hidden @ unembedding(params)`` there), and the cache.
         """
         input_ids = jnp.asarray(input_ids)
         attention_mask = jnp.asarray(attention_mask)
@@ -322,7 +339,9 @@ class Model:
         variables = {"params": params}
         if lora is not None:
             variables["lora"] = lora.weights
-        return self.module(lora).apply(variables, input_ids, attention_mask, positions, cache)
+        return self.module(lora).apply(
+            variables, input_ids, attention_mask, positions, cache, return_hidden=return_hidden
+        )
 
     def decode_step(
         self, params: Params, tokens: jax.Array, cache: KVCache, *, lora: LoRA | None = None

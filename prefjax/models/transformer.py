@@ -16,15 +16,18 @@ One :class:`Transformer` covers the Llama, Mistral, Qwen2 and GPT-2 families (se
   boolean mask combines causality, key padding and the optional sliding window, and positions are
   given explicitly (``cumsum(attention_mask) - 1`` by default), so left-padded prompts get the
   same rotary phases as unpadded ones.
-* The KV cache is an explicit pytree (:class:`KVCache`), threaded through the scan as per-layer
-  inputs/outputs; see :func:`init_cache`.
+* The KV cache is an explicit pytree (:class:`KVCache`) holding every layer's keys and values in
+  one stacked buffer. It is part of the layer scan's carry, so each layer writes only the new
+  tokens' keys/values into it with ``lax.dynamic_update_slice`` (XLA updates the buffer in place,
+  and a jitted caller that donates the cache never copies it), and cached attention
+  (:func:`cached_attention`) reads only the cache blocks that hold tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -41,7 +44,9 @@ class KVCache(flax.struct.PyTreeNode):
     """Preallocated key/value cache of fixed maximum length ``S``.
 
     Every row writes its next token(s) into the same slots (``length`` onwards); slots holding
-    padding are marked invalid by ``mask`` so they are never attended to.
+    padding are marked invalid by ``mask`` so they are never attended to. Cached attention reads
+    the slots ``first_slot .. length - 1`` only (in blocks), so the cost of a step follows the
+    tokens held, not ``S``.
 
     Attributes:
       k, v: ``[L, B, S, K, Dh]`` keys (after rotary) and values, in the compute dtype.
@@ -49,6 +54,8 @@ class KVCache(flax.struct.PyTreeNode):
       positions: ``[B, S]`` int32 position id of the token in each slot (for sliding windows).
       length: ``[]`` int32, number of slots filled so far (the same for every row).
       next_position: ``[B]`` int32, position id the next real token of each row gets.
+      first_slot: ``[]`` int32, the first slot holding a real token in any row (``S`` while
+        there is none): the slots before it hold only left padding and are never read.
     """
 
     k: jax.Array
@@ -57,6 +64,7 @@ class KVCache(flax.struct.PyTreeNode):
     positions: jax.Array
     length: jax.Array
     next_position: jax.Array
+    first_slot: jax.Array
 
     @property
     def max_len(self) -> int:
@@ -74,6 +82,7 @@ def init_cache(config: TransformerConfig, batch_size: int, max_len: int) -> KVCa
         positions=jnp.zeros((batch_size, max_len), jnp.int32),
         length=jnp.zeros((), jnp.int32),
         next_position=jnp.zeros((batch_size,), jnp.int32),
+        first_slot=jnp.full((), max_len, jnp.int32),
     )
 
 
@@ -139,6 +148,123 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached attention.
+
+
+class _Softmax(NamedTuple):
+    """Running state of the online softmax over cache blocks (float32)."""
+
+    max: jax.Array  # [B, K, G, T] largest score seen so far
+    denom: jax.Array  # [B, K, G, T] sum of exp(score - max) so far
+    acc: jax.Array  # [B, K, G, T, Dh] sum of exp(score - max) * value so far
+
+
+def cached_attention(
+    q: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    layer: jax.Array,
+    query_positions: jax.Array,
+    slot_mask: jax.Array,
+    slot_positions: jax.Array,
+    length: jax.Array,
+    first_slot: jax.Array,
+    window: jax.Array | None,
+    *,
+    block_size: int,
+) -> jax.Array:
+    r"""Attention of ``T`` new queries over the filled slots of one layer's cache, block by block.
+
+    The queries sit at slots ``length .. length + T - 1`` (their keys/values already written).
+    Query ``t`` attends to slot ``j`` when ``j <= length + t``, the slot holds a real token
+    (``slot_mask``) and, with a window ``w > 0``, ``pos_t - pos_j < w``; it always sees itself,
+    so a padding query stays finite. The scores are visited in blocks of ``block_size`` slots
+    from the block of ``min(first_slot, length)`` to the block of the last query, with the online
+    softmax of Milakov & Gimelshein (2018): per block ``m' = max(m, max_j s_j)``,
+    ``l' = l e^{m - m'} + \sum_j e^{s_j - m'}``, ``a' = a e^{m - m'} + \sum_j e^{s_j - m'} v_j``,
+    and the output is ``a / l``. Slots past the last query and left padding before
+    ``first_slot`` are never read, so the cost follows the tokens held, not the slots allocated.
+
+    A loop and not ``jax.nn.dot_product_attention(key_value_seq_lengths=...)``: that masks the
+    slots past the length but still reads (and on CPU computes over) every allocated slot, and
+    it cannot skip left padding.
+
+    Args:
+      q: ``[B, T, H, Dh]`` queries (after rotary).
+      cache_k, cache_v: ``[L, B, S, K, Dh]`` the stacked cache; ``layer`` ``[]`` selects the layer.
+      query_positions: ``[B, T]`` position ids of the queries (for the window).
+      slot_mask: ``[B, S]`` 1 where a slot holds a real token (including the new ones).
+      slot_positions: ``[B, S]`` position id of each slot's token.
+      length: ``[]`` slot of the first query.
+      first_slot: ``[]`` first slot holding a real token in any row.
+      window: ``[]`` this layer's window (0 = full attention) or ``None``.
+      block_size: slots per block (static); blocks are ``min(block_size, S)`` slots.
+
+    Returns:
+      ``[B, T, H, Dh]`` in the dtype of ``q``.
+    """
+    batch, seq, heads, head_dim = q.shape
+    max_len, kv_heads = cache_k.shape[2], cache_k.shape[3]
+    groups = heads // kv_heads
+    block = min(block_size, max_len)
+    # Query head n = k * G + g uses key/value head k (as jax.nn.dot_product_attention and
+    # Hugging Face's repeat_kv): [B, T, H, Dh] -> [B, T, K, G, Dh].
+    qg = q.reshape(batch, seq, kv_heads, groups, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+    query_slot = length + jnp.arange(seq)  # [T]
+    neg = jnp.finfo(jnp.float32).min
+
+    def visit(i, state: _Softmax) -> _Softmax:
+        # The last block may reach past S: clamp its start and drop the slots seen already.
+        start = jnp.minimum(i * block, max_len - block)
+        corner, size = (layer, 0, start, 0, 0), (1, batch, block, kv_heads, head_dim)
+        kb = jax.lax.dynamic_slice(cache_k, corner, size)[0]  # [B, Sb, K, Dh]
+        vb = jax.lax.dynamic_slice(cache_v, corner, size)[0]
+        mb = jax.lax.dynamic_slice_in_dim(slot_mask, start, block, axis=1)  # [B, Sb]
+        slots = start + jnp.arange(block)  # [Sb]
+        valid = mb.astype(bool)[:, None, :] & (slots[None, :] <= query_slot[:, None])[None]
+        if window is not None:
+            pb = jax.lax.dynamic_slice_in_dim(slot_positions, start, block, axis=1)
+            dist = query_positions[:, :, None] - pb[:, None, :]  # [B, T, Sb]
+            valid &= (window <= 0) | (dist < window)
+        valid |= (slots[None, :] == query_slot[:, None])[None]
+        valid &= (slots >= i * block)[None, None, :]  # [B, T, Sb]
+        valid = valid[:, None, None]  # [B, 1, 1, T, Sb]
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        scores = jnp.where(valid, scores * scale, neg)  # [B, K, G, T, Sb]
+        new_max = jnp.maximum(state.max, scores.max(axis=-1))
+        correction = jnp.exp(state.max - new_max)
+        p = jnp.where(valid, jnp.exp(scores - new_max[..., None]), 0.0)
+        pv = jnp.einsum(
+            "bkgts,bskd->bkgtd",
+            p.astype(q.dtype),
+            vb.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return _Softmax(
+            max=new_max,
+            denom=state.denom * correction + p.sum(axis=-1),
+            acc=state.acc * correction[..., None] + pv,
+        )
+
+    stats = (batch, kv_heads, groups, seq)
+    init = _Softmax(
+        max=jnp.full(stats, neg, jnp.float32),
+        denom=jnp.zeros(stats, jnp.float32),
+        acc=jnp.zeros(stats + (head_dim,), jnp.float32),
+    )
+    lo = jnp.minimum(first_slot, length) // block
+    hi = (length + seq + block - 1) // block
+    final = jax.lax.fori_loop(lo, hi, visit, init)
+    out = final.acc / final.denom[..., None]  # [B, K, G, T, Dh]
+    # [B, K, G, T, Dh] -> [B, T, K, G, Dh] -> [B, T, H, Dh]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, seq, heads, head_dim)
+    return out.astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,13 +454,23 @@ class Attention(nn.Module):
         return o_proj(out), new_cache
 
     def _attend(self, q, k, v, positions, attention_mask, window):
-        """Attention within the sequence: causal, key padding, optional sliding window."""
+        """Attention within the sequence: causal, key padding, optional sliding window.
+
+        ``attention_mask`` is 0 on padding and otherwise the token's segment id: 1 everywhere in a
+        padded row, one id per sequence in a packed row (several sequences side by side). A real
+        query attends to the earlier keys of its own segment only, so a packed row computes what
+        its sequences would alone (given per-segment positions); with a 0/1 mask this is the
+        plain causal, key-padding mask.
+        """
         cfg = self.config
         seq = q.shape[1]
-        key_valid = attention_mask.astype(bool)  # [B, S]
+        segment = attention_mask.astype(jnp.int32)  # [B, S]
+        key_valid = segment > 0
         idx = jnp.arange(seq)
         causal = idx[None, :] <= idx[:, None]  # [T, S]
-        mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+        # Same segment, or a padding query (which then sees every valid key on its left, as before).
+        same = (segment[:, :, None] == segment[:, None, :]) | ~key_valid[:, :, None]  # [B, T, S]
+        mask = causal[None] & key_valid[:, None, :] & same  # [B, T, S]
         if window is not None:
             # window is this layer's size (traced, 0 = full attention).
             dist = positions[:, :, None] - positions[:, None, :]
@@ -354,22 +490,26 @@ class Attention(nn.Module):
         )
 
     def _attend_cached(self, q, k, v, positions, layer_cache, window, cache_meta):
-        """Write ``k, v`` into the cache at slot ``length`` and attend over all valid slots."""
-        cache_k, cache_v = layer_cache  # [B, S, K, Dh] each
-        slot_mask, slot_pos, length = cache_meta  # [B, S] (already updated), [B, S], []
-        seq, max_len = q.shape[1], cache_k.shape[1]
-        start = (0, length, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-        query_slot = length + jnp.arange(seq)  # [T]
-        causal = jnp.arange(max_len)[None, :] <= query_slot[:, None]  # [T, S]
-        mask = causal[None] & slot_mask.astype(bool)[:, None, :]  # [B, T, S]
-        if window is not None:
-            dist = positions[:, :, None] - slot_pos[:, None, :]
-            mask &= (window <= 0) | (dist < window)
-        mask |= jnp.arange(max_len)[None, None, :] == query_slot[None, :, None]
-        out = jax.nn.dot_product_attention(
-            q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=mask[:, None]
+        """Write ``k, v`` at slot ``length`` of this layer's cache, then attend over the blocks
+        that hold tokens (:func:`cached_attention`)."""
+        cache_k, cache_v, layer = layer_cache  # [L, B, S, K, Dh] each, [] layer index
+        slot_mask, slot_pos, length, first_slot = cache_meta  # [B, S] (updated), [B, S], [], []
+        # Only the new tokens' keys/values are written: [1, B, T, K, Dh] at (layer, 0, length).
+        start = (layer, 0, length, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        out = cached_attention(
+            q,
+            cache_k,
+            cache_v,
+            layer,
+            positions,
+            slot_mask,
+            slot_pos,
+            length,
+            first_slot,
+            window,
+            block_size=self.config.cache_block_size,
         )
         return out, (cache_k, cache_v)
 
@@ -396,17 +536,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the ``nn.scan`` body (carry = residual stream)."""
+    """Pre-norm transformer block; the ``nn.scan`` body.
+
+    The carry is ``(x, kv)``: the residual stream ``[B, T, D]`` and the stacked ``(k, v)`` cache
+    ``[L, B, S, K, Dh]`` (``None`` without a cache), which each layer updates at its own index.
+    """
 
     config: TransformerConfig
     lora: LoraSpec = LoraSpec()
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, layer_xs, positions, attention_mask, cache_meta):
+    def __call__(self, carry, layer_xs, positions, attention_mask, cache_meta):
         cfg = self.config
-        layer_cache, window = layer_xs  # this layer's (k, v) cache slices and window size
-        attn_out, new_cache = Attention(cfg, self.lora, self.deterministic, name="attn")(
+        x, kv = carry
+        layer, window = layer_xs  # this layer's index and window size
+        layer_cache = None if kv is None else (*kv, layer)
+        attn_out, kv = Attention(cfg, self.lora, self.deterministic, name="attn")(
             Norm(cfg, name="attn_norm")(x),
             positions,
             attention_mask,
@@ -416,7 +562,7 @@ class Block(nn.Module):
         )
         x = x + attn_out
         x = x + MLP(cfg, self.lora, self.deterministic, name="mlp")(Norm(cfg, name="mlp_norm")(x))
-        return x, new_cache
+        return (x, kv), None
 
 
 class Kernel(nn.Module):
@@ -492,6 +638,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
+            unroll=cfg.num_layers if cfg.scan_unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora, self.deterministic)
         self.final_norm = Norm(cfg)
@@ -529,7 +676,7 @@ class Transformer(nn.Module):
         windows = cfg.layer_windows()
         windows = None if windows is None else jnp.asarray(windows, jnp.int32)  # [L]
         if cache is None:
-            x, _ = self.layers(x, (None, windows), positions, attention_mask, None)
+            (x, _), _ = self.layers((x, None), (None, windows), positions, attention_mask, None)
             return self.final_norm(x), None
         seq = input_ids.shape[1]
         start = (0, cache.length)
@@ -537,9 +684,14 @@ class Transformer(nn.Module):
             cache.mask, attention_mask.astype(jnp.int32), start
         )
         slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), start)
-        meta = (slot_mask, slot_pos, cache.length)
-        x, (new_k, new_v) = self.layers(
-            x, ((cache.k, cache.v), windows), positions, attention_mask, meta
+        # The first slot of this chunk holding a real token in any row (S when there is none).
+        real = jnp.any(attention_mask.astype(bool), axis=0)  # [T]
+        chunk_first = jnp.where(jnp.any(real), cache.length + jnp.argmax(real), cache.max_len)
+        first_slot = jnp.minimum(cache.first_slot, chunk_first).astype(jnp.int32)
+        meta = (slot_mask, slot_pos, cache.length, first_slot)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)  # [L]
+        (x, (new_k, new_v)), _ = self.layers(
+            (x, (cache.k, cache.v)), (layer_ids, windows), positions, attention_mask, meta
         )
         new_cache = KVCache(
             k=new_k,
@@ -548,6 +700,7 @@ class Transformer(nn.Module):
             positions=slot_pos,
             length=cache.length + seq,
             next_position=cache.next_position + jnp.sum(attention_mask.astype(jnp.int32), axis=-1),
+            first_slot=first_slot,
         )
         return self.final_norm(x), new_cache
 

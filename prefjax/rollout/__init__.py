@@ -14,6 +14,7 @@ from prefjax.rollout.sampler import token_logprobs as token_logprobs
 from prefjax.rollout.sampler import transform_logits as transform_logits
 from prefjax.rollout.rewards import BestOfN as BestOfN
 from prefjax.rollout.rewards import GoldReward as GoldReward
+from prefjax.rollout.rewards import ProcessRewardModel as ProcessRewardModel
 from prefjax.rollout.rewards import RewardModel as RewardModel
 from prefjax.rollout.rewards import RewardSource as RewardSource
 from prefjax.rollout.rewards import RewardTransform as RewardTransform
@@ -24,3 +25,10 @@ from prefjax.rollout.rewards import on_last_token as on_last_token
 from prefjax.rollout.rewards import sample_best_of_n as sample_best_of_n
 from prefjax.rollout.rewards import score as score
 from prefjax.rollout.rewards import transform_scores as transform_scores
+from prefjax.rollout.prm import AGGREGATIONS as AGGREGATIONS
+from prefjax.rollout.prm import StepScores as StepScores
+from prefjax.rollout.prm import aggregate_step_scores as aggregate_step_scores
+from prefjax.rollout.prm import prm_rewards as prm_rewards
+from prefjax.rollout.prm import separator_mask as separator_mask
+from prefjax.rollout.prm import step_logits as step_logits
+from prefjax.rollout.prm import step_scores as step_scores

@@ -9,6 +9,9 @@ finalisation). This module owns
   shift convention (logits at ``t`` predict token ``t + 1``: ``losses.shift_labels`` then
   ``losses.sequence_logprobs``), optionally vocabulary-chunked; :func:`flatten_responses` and
   :func:`unflatten_responses` move between the data's ``[batch, k, seq]`` and one forward pass;
+* :func:`packed_response_logps` and :func:`packed_rewards` -- the same per-sequence values read
+  from a packed batch (:class:`PackedTokens`: several sequences per row, segment ids, per-segment
+  positions), equal to the padded computation to float32 rounding;
 * :func:`make_update` and :func:`make_eval_step` -- gradient accumulation, optimiser update, the
   non-finite guard and the norms every step logs; the held-out step;
 * :class:`Setup` and :func:`jit_steps` -- explicit in/out shardings and state donation.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import einops
 import jax
@@ -158,6 +161,113 @@ def response_logps(
         logits, labels, mask = losses.shift_labels(logits, input_ids, loss_mask)
         logps = losses.sequence_logprobs(logits, labels, mask)
     return logps, jnp.sum(mask.astype(jnp.float32), axis=-1)
+
+
+class PackedTokens(NamedTuple):
+    """The token arrays of a packed batch (layout in :mod:`prefjax.data.packing`).
+
+    ``input_ids, attention_mask (segment ids, 0 = padding), loss_mask, positions`` are
+    ``[rows, row_length]``; ``sequence_mask`` ``[batch, k]`` marks the sequences that exist
+    (segment ``e * k + i + 1`` is response ``i`` of example ``e``).
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    loss_mask: jax.Array
+    positions: jax.Array
+    sequence_mask: jax.Array
+
+
+def is_packed(batch: Batch) -> bool:
+    """Whether ``batch`` is packed (several sequences per row, with ``sequence_mask``)."""
+    return "sequence_mask" in batch
+
+
+def batch_tokens(batch: Batch) -> tuple[jax.Array, ...]:
+    """The token arrays the forward passes read: ``TOKENS`` (``[batch, (k,) seq]``) of a padded
+    batch, or :class:`PackedTokens` of a packed one."""
+    if is_packed(batch):
+        return PackedTokens(*(batch[n] for n in PackedTokens._fields))
+    return tuple(batch[n] for n in TOKENS)
+
+
+def sequence_shape(tokens: tuple[jax.Array, ...]) -> tuple[int, ...]:
+    """Shape of the per-sequence values of ``tokens``: ``[batch, k]`` (or ``[batch]``)."""
+    if isinstance(tokens, PackedTokens):
+        return tokens.sequence_mask.shape
+    return tokens[0].shape[:-1]
+
+
+def segment_totals(x: jax.Array, segments: jax.Array, num: int) -> jax.Array:
+    """``[num]``: the sum of ``x`` over each segment id ``1 .. num`` (id 0, padding, dropped).
+
+    ``x`` and ``segments`` share their shape (``[rows, row_length]``).
+    """
+    ids = jnp.where(segments > 0, segments - 1, num).reshape(-1)  # padding -> an extra bucket
+    return jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num + 1)[:num]
+
+
+def _packed_shifted_mask(tokens: PackedTokens) -> jax.Array:
+    """``[rows, row_length - 1]`` float32: the loss mask of each next token whose predicting
+    token (one to its left) is in the same segment, so no prediction crosses a boundary."""
+    seg = tokens.attention_mask
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    return tokens.loss_mask[:, 1:].astype(jnp.float32) * same
+
+
+def packed_token_counts(tokens: PackedTokens) -> jax.Array:
+    """``[batch, k]`` float32: response tokens scored in each sequence (the padded layout's
+    ``sum(loss_mask[:, 1:])``)."""
+    b, k = tokens.sequence_mask.shape
+    totals = segment_totals(_packed_shifted_mask(tokens), tokens.attention_mask[:, 1:], b * k)
+    return totals.reshape(b, k)  # [batch * k] -> [batch, k], example-major
+
+
+def packed_response_logps(
+    model: Any,
+    params: Any,
+    tokens: PackedTokens,
+    *,
+    lora: Any = None,
+    chunk_size: int = 0,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`response_logps` of a packed batch: ``(logps [batch, k], counts [batch, k])``.
+
+    One forward over the ``[rows, row_length]`` rows (attention within segments, per-segment
+    positions); token log-probs under the shift convention, kept where the predicting token is
+    in the label's segment, summed per segment (``segment_sum``) and laid out ``[batch, k]``.
+    """
+    ids, seg = tokens.input_ids, tokens.attention_mask
+    b, k = tokens.sequence_mask.shape
+    pos = tokens.positions
+    if chunk_size:
+        hidden = model.hidden_states(params, ids, seg, positions=pos, lora=lora, key=key)
+        token_logps = losses.chunked_token_logprobs(
+            hidden[:, :-1], model.unembedding(params), ids[:, 1:], chunk_size=chunk_size
+        )
+    else:
+        logits = model.apply(params, ids, seg, positions=pos, lora=lora, key=key)
+        token_logps = losses.token_logprobs(logits[:, :-1], ids[:, 1:])  # [rows, row_length - 1]
+    mask = _packed_shifted_mask(tokens)
+    weighted = jnp.where(mask > 0, token_logps * mask, 0.0)
+    logps = segment_totals(weighted, seg[:, 1:], b * k).reshape(b, k)
+    return logps, packed_token_counts(tokens)
+
+
+def packed_rewards(model: Any, params: Any, tokens: PackedTokens) -> jax.Array:
+    """``[batch, k]`` float32: a reward model's score of each packed sequence, read at the
+    segment's last token (what ``model.apply`` reads at a padded row's last real token)."""
+    ids, seg = tokens.input_ids, tokens.attention_mask
+    b, k = tokens.sequence_mask.shape
+    rows, length = ids.shape
+    hidden = model.hidden_states(params, ids, seg, positions=tokens.positions)  # [rows, L, D]
+    following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))  # the next token's segment (0 past the end)
+    is_last = (seg > 0) & (seg != following)
+    flat = jnp.arange(rows * length, dtype=jnp.int32).reshape(rows, length)
+    last = segment_totals(jnp.where(is_last, flat, 0), seg, b * k)  # [batch * k] token index
+    picked = hidden.reshape(rows * length, -1)[last]  # [batch * k, D]
+    return model.reward_of_hidden(params, picked).reshape(b, k)
 
 
 def flatten_responses(x: jax.Array) -> jax.Array:

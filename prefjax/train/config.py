@@ -27,12 +27,14 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TASKS = ("sequence", "bandit", "files")
+TASKS = ("sequence", "bandit", "arithmetic", "files")
 OPTIMIZERS = ("adamw", "adam", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
 LOGICAL_AXES = ("embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
 MESH_AXES = ("data", "fsdp", "tensor")
+# Batch kinds that pack (KTO's "unpaired" batches build mismatched pairs from whole rows).
+PACKABLE_KINDS = ("sft", "pairwise", "listwise")
 
 # Mesh rules: fully sharded data parallel over `fsdp`, Megatron-style tensor parallel over `tensor`
 # (see prefjax.sharding); the batch is always split over data x fsdp.
@@ -214,6 +216,24 @@ def validate(config, num_devices: int | None = None, algorithm=None) -> None:
             "optimizer.grad_accum_steps",
             opt.grad_accum_steps,
             f"must divide data.batch_size={data.batch_size}",
+        )
+
+    packing = data.get("packing", False)
+    if not isinstance(packing, bool):
+        _fail("data.packing", packing, "must be True/False")
+    if packing and opt.grad_accum_steps > 1:
+        _fail(
+            "data.packing",
+            packing,
+            f"packed batches are not split into micro-batches (optimizer.grad_accum_steps="
+            f"{opt.grad_accum_steps}); set optimizer.grad_accum_steps=1 or data.packing=False",
+        )
+    if packing and algorithm.batch_kind(config) not in PACKABLE_KINDS:
+        _fail(
+            "data.packing",
+            packing,
+            f"{algorithm.NAME} reads {algorithm.batch_kind(config)!r} batches, which are not "
+            f"packed (packable: {', '.join(PACKABLE_KINDS)}; KTO's mismatched pairs need rows)",
         )
 
     # Mesh.

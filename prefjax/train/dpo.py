@@ -247,7 +247,7 @@ def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[...
         if kind == "precomputed":
             return batch["ref_logps"].astype(jnp.float32)
         if kind == "none":
-            return jnp.zeros(tokens[0].shape[:-1], jnp.float32)
+            return jnp.zeros(common.sequence_shape(tokens), jnp.float32)
         # "copy": frozen is the reference; "lora_base": frozen is the base, adapters off.
         logps, _ = _logps(model, jax.lax.stop_gradient(frozen), tokens, chunk_size=chunk)
         return jax.lax.stop_gradient(logps)
@@ -267,7 +267,10 @@ def reference_logps(model: Any, config: Any) -> Callable[[Any, Batch], jax.Array
 
 
 def _logps(model: Any, params: Any, tokens: tuple, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
-    """Summed response log-probs and token counts with the tokens' leading shape."""
+    """Summed response log-probs and token counts with the tokens' leading shape (``[batch, k]``
+    for packed tokens)."""
+    if isinstance(tokens, common.PackedTokens):
+        return common.packed_response_logps(model, params, tokens, **kwargs)
     if tokens[0].ndim == 2:
         return common.response_logps(model, params, *tokens, **kwargs)
     k = tokens[0].shape[1]
@@ -379,7 +382,7 @@ def _pairwise_objective(
 
     def fn(params, batch, frozen, key, denominators):
         w = common.example_weights(batch)
-        tokens = tuple(batch[n] for n in common.TOKENS)  # [batch, 2, seq]
+        tokens = common.batch_tokens(batch)  # [batch, 2, seq], or packed rows
         logps, counts = policy(params, frozen, tokens, key)  # [batch, 2]
         refs = ref(frozen, batch, tokens)  # [batch, 2]
         avg = safe_div(logps, counts)  # per-token log-probs
@@ -423,7 +426,7 @@ def _listwise_objective(
 
     def fn(params, batch, frozen, key, denominators):
         w = common.example_weights(batch)
-        tokens = tuple(batch[n] for n in common.TOKENS)  # [batch, k, seq]
+        tokens = common.batch_tokens(batch)  # [batch, k, seq], or packed rows
         logps, counts = policy(params, frozen, tokens, key)  # [batch, k]
         refs = ref(frozen, batch, tokens)
         mask = batch["response_mask"].astype(jnp.float32)

@@ -28,6 +28,7 @@ import numpy as np
 from prefjax import data as pdata
 from prefjax import models
 from prefjax.train import common, evaluation
+from prefjax.train import config as config_lib
 
 
 def build_model(config, key: jax.Array, *, head: str = "lm", mesh=None):
@@ -90,11 +91,21 @@ class Data:
     seed: int
     description: str
     buckets: Any = None
+    packing: bool = False  # packed train batches (data.packing)
+    row_multiple: int = 1  # packed rows per process are a multiple of this (its batch devices)
+    padding: str = ""  # the padding fraction of the train batches, padded and packed
 
     def train_iterator(self) -> pdata.BatchIterator:
-        """Shuffled (every epoch, from ``data.seed``), endless, resumable train batches."""
+        """Shuffled (every epoch, from ``data.seed``), endless, resumable train batches (packed
+        with ``data.packing``: the same examples per batch)."""
         return pdata.BatchIterator(
-            self.train, self.batch_size, seed=self.seed, shuffle=True, buckets=self.buckets
+            self.train,
+            self.batch_size,
+            seed=self.seed,
+            shuffle=True,
+            buckets=self.buckets,
+            packing=self.packing,
+            row_multiple=self.row_multiple,
         )
 
 
@@ -139,6 +150,25 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
         f"{len(set(train['prompt_id']))} / {len(set(held['prompt_id']))} distinct prompts"
     )
     buckets = (d.max_len,) if d.pad_to_max_len else None
+    packing = bool(d.get("packing", False))
+    data_shape = config_lib.resolve_mesh_shape(config, jax.device_count())
+    row_multiple = max(1, data_shape[0] * data_shape[1] // jax.process_count())
+    padding = ""
+    if kind in pdata.packing.PACKABLE_KINDS:
+        probe = pdata.BatchIterator(
+            train,
+            d.batch_size,
+            seed=d.seed,
+            buckets=buckets,
+            row_multiple=row_multiple,
+            process_index=0,
+            process_count=jax.process_count(),
+        )
+        pad = pdata.padding_fractions(probe)
+        padding = (
+            f"{pad['padded']:.0%} of the train token slots padded, {pad['packed']:.0%} packed "
+            f"(epoch 0; data.packing={packing})"
+        )
     return Data(
         train=train,
         eval=EvalData(
@@ -156,6 +186,9 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
         seed=d.seed,
         description=desc,
         buckets=buckets,
+        packing=packing,
+        row_multiple=row_multiple,
+        padding=padding,
     )
 
 

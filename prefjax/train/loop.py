@@ -299,6 +299,8 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
     data = inputs.build_data(config, tokenizer, derived.batch_kind, generate=derived.head == "lm")
     if is_main:
         print(f"{tag}data: {data.description}", flush=True)
+        if data.padding:
+            print(f"{tag}data padding: {data.padding}", flush=True)
     # Same config, other data (a file edited in place) is refused like a changed config.
     wd.check_data(run_dir.data_fingerprint([data.train, data.eval.dataset]))
     if derived.reference == "precomputed":

@@ -1,18 +1,28 @@
-"""Reward models: Bradley-Terry on pairs (with an optional margin) and Plackett-Luce on rankings.
+"""Reward models: Bradley-Terry on pairs (with an optional margin), Plackett-Luce on rankings, and
+process reward models (PRM) on step-labelled solutions.
 
 The model is the transformer with a scalar reward head (``head="reward"``), read at the last
 real token. The ``[batch, 2, seq]`` pairs (``[batch, k, seq]`` rankings) go through one forward
 pass flattened response-major to ``[2 * batch, seq]`` (``[k * batch, seq]``). Pairwise: the loss
 is ``-log sigmoid(r_w - r_l - margin)`` (Llama 2's margin from the batch's ``margin`` column when
 ``config.algorithm.margin`` is set); listwise: the Plackett-Luce likelihood of the given
-best-first order.
+best-first order; ``prm``: the reward head read at every token
+(:func:`prefjax.rollout.prm.step_logits`) and trained with the binary cross-entropy of each
+labelled step at its separator token (:func:`prefjax.losses.process_reward_loss`), averaged over
+the batch's labelled steps (``step`` batches: ``step_labels``, ``step_mask`` ``[batch, seq]``).
 
 Metrics: ``loss``; ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin`` (mean scores and
 their difference); ``rewards/accuracy`` (fraction of pairs -- for rankings, of ordered pairs --
 scored in the labelled order, an exact tie counting one half); ``rewards/gold_accuracy`` on
 built-in tasks (agreement with the gold reward's order, whose ceiling is 1, not the label
-accuracy); ``rewards/std`` (score spread); plus norms and ``train/skipped``. Train and eval
-metrics come from the same :func:`finalize`.
+accuracy); ``rewards/std`` (score spread); plus norms and ``train/skipped``. PRM: ``loss`` (mean
+BCE per step); ``steps/accuracy`` (steps whose probability is on the side of their label, 0.5
+counting one half); ``steps/auc`` (ROC AUC of the step probabilities against the labels, from
+a histogram of :data:`AUC_BINS` equal-width probability bins, pairs in one bin counting one
+half, so it sums exactly over micro-batches and eval batches); ``steps/positive_rate`` (labels)
+and ``steps/score`` (mean probability); ``steps/outcome_accuracy`` (per solution: the min over
+its steps, predicted > 0.5, against "every step correct"). Train and eval metrics come from the
+same finalisation.
 """
 
 from __future__ import annotations
@@ -26,10 +36,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from prefjax import losses
+from prefjax.rollout import prm
 from prefjax.train import common, loop
 from prefjax.train.common import Batch, Metrics, Objective, Stats
 
-REWARD_LOSSES = ("bradley_terry", "plackett_luce")
+REWARD_LOSSES = ("bradley_terry", "plackett_luce", "prm")
+# Equal-width bins of step probabilities in [0, 1] for the PRM's exact-sum AUC.
+AUC_BINS = 32
+# Built-in tasks whose examples carry per-step labels.
+STEP_TASKS = ("arithmetic", "files")
 
 # The Algorithm protocol (see prefjax.train): what the loop asks of this module.
 NAME = "reward"
@@ -41,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
     algo = ml_collections.ConfigDict()
     # Which train step (set by the config file; not meant to be changed).
     algo.name = NAME
-    # "bradley_terry" (pairs) | "plackett_luce" (rankings, best first).
+    # "bradley_terry" (pairs) | "plackett_luce" (rankings, best first) | "prm" (a process reward
+    # model: step-labelled solutions, per-step binary cross-entropy at the step separators).
     algo.loss = "bradley_terry"
     # Bradley-Terry: subtract the example's `margin` column inside the sigmoid (Llama 2).
     algo.margin = False
@@ -51,8 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def batch_kind(config: Any) -> str:
-    """Pairs for Bradley-Terry, rankings for Plackett-Luce."""
-    return "listwise" if config.algorithm.loss == "plackett_luce" else "pairwise"
+    """Pairs for Bradley-Terry, rankings for Plackett-Luce, step-labelled solutions for PRM."""
+    return {"plackett_luce": "listwise", "prm": "step"}.get(config.algorithm.loss, "pairwise")
 
 
 def reference(config: Any) -> str:
@@ -73,8 +89,19 @@ def validate_config(config: Any) -> None:
             "config.model.lora.rank > 0: reward models train the full network and its reward "
             "head; set config.model.lora.rank=0."
         )
-    if algo.loss == "plackett_luce" and algo.margin:
+    if algo.loss != "bradley_terry" and algo.margin:
         raise ValueError("config.algorithm.margin=True applies to loss='bradley_terry' only.")
+    if algo.loss == "prm":
+        if algo.label_smoothing:
+            raise ValueError(
+                "config.algorithm.label_smoothing applies to loss='bradley_terry' only."
+            )
+        if config.data.task not in STEP_TASKS:
+            raise ValueError(
+                f"config.data.task={config.data.task!r}: loss='prm' trains on step-labelled "
+                f"solutions; set config.data.task to one of {STEP_TASKS} (the built-in "
+                "'arithmetic' task has per-step gold labels)."
+            )
     if not 0.0 <= algo.label_smoothing < 0.5:
         raise ValueError(
             f"config.algorithm.label_smoothing={algo.label_smoothing!r}: must be in [0, 0.5)."
@@ -82,7 +109,10 @@ def validate_config(config: Any) -> None:
 
 
 def _scores(model: Any, params: Any, batch: Batch) -> jax.Array:
-    """``[batch, k]`` float32 rewards of the batch's ``[batch, k, seq]`` responses."""
+    """``[batch, k]`` float32 rewards of the batch's ``[batch, k, seq]`` responses (or of its
+    packed sequences, read at each segment's last token)."""
+    if common.is_packed(batch):
+        return common.packed_rewards(model, params, common.batch_tokens(batch))
     k = batch["input_ids"].shape[1]
     ids, attn = (common.flatten_responses(batch[n]) for n in ("input_ids", "attention_mask"))
     scores = model.apply(params, ids, attn).astype(jnp.float32)  # [k * batch]
@@ -147,6 +177,75 @@ def _plackett_luce(model: Any, config: Any):
     return fn
 
 
+def _auc_histogram(probs: jax.Array, labels: jax.Array, mask: jax.Array) -> Stats:
+    """Counts of positive and negative steps per probability bin (``steps/auc`` from them)."""
+    bins = jnp.clip((probs * AUC_BINS).astype(jnp.int32), 0, AUC_BINS - 1)
+    onehot = jax.nn.one_hot(bins, AUC_BINS, dtype=jnp.float32) * mask[..., None]  # [b, t, bins]
+    pos = jnp.sum(onehot * labels[..., None], axis=(0, 1))  # [bins]
+    neg = jnp.sum(onehot * (1.0 - labels[..., None]), axis=(0, 1))
+    one = jnp.ones((), jnp.float32)
+    stats = {f"auc/pos/{i:02d}": (pos[i], one) for i in range(AUC_BINS)}
+    stats.update({f"auc/neg/{i:02d}": (neg[i], one) for i in range(AUC_BINS)})
+    return stats
+
+
+def _prm(model: Any, config: Any):
+    def fn(params, batch, frozen, key, denominators):
+        del frozen, key
+        w = common.example_weights(batch)
+        mask = batch["step_mask"].astype(jnp.float32) * w[:, None]  # [batch, seq]
+        labels = batch["step_labels"].astype(jnp.float32)
+        logits = prm.step_logits(model, params, batch["input_ids"], batch["attention_mask"])
+        per_example = losses.process_reward_loss(logits, labels, mask)  # [batch], summed steps
+        loss = jnp.sum(per_example) / denominators["loss"]
+        probs = jax.nn.sigmoid(logits)
+        num_steps = jnp.sum(mask)
+        s = lambda x: (jnp.sum(x * mask), num_steps)
+        # Per solution: the min over its steps (predicted) against "every step correct" (gold).
+        has_steps = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
+        predicted = prm.aggregate_step_scores(probs, mask, aggregation="min") > 0.5
+        gold = jnp.min(jnp.where(mask > 0, labels, 1.0), axis=1) > 0.5
+        stats = {
+            "steps/accuracy": s(common.agreement((probs - 0.5) * (2.0 * labels - 1.0))),
+            "steps/positive_rate": s(labels),
+            "steps/score": s(probs),
+            "steps/outcome_accuracy": (
+                jnp.sum((predicted == gold) * has_steps),
+                jnp.sum(has_steps),
+            ),
+            **_auc_histogram(probs, labels, mask),
+        }
+        return loss, stats
+
+    return fn
+
+
+def _step_denominators(batch: Batch) -> Mapping[str, jax.Array]:
+    w = common.example_weights(batch)
+    steps = jnp.sum(batch["step_mask"].astype(jnp.float32) * w[:, None])
+    return {"loss": jnp.maximum(steps, 1.0)}
+
+
+def binned_auc(pos, neg) -> jax.Array:
+    """ROC AUC from per-bin counts of positives and negatives (bins in increasing score order):
+    ``P(score_pos > score_neg)`` with pairs in one bin counting one half; 0.5 without both."""
+    pos, neg = jnp.asarray(pos, jnp.float32), jnp.asarray(neg, jnp.float32)
+    below = jnp.cumsum(neg) - neg  # negatives in strictly lower bins
+    pairs = jnp.sum(pos) * jnp.sum(neg)
+    wins = jnp.sum(pos * (below + 0.5 * neg))
+    return jnp.where(pairs > 0, wins / jnp.maximum(pairs, 1.0), 0.5)
+
+
+def finalize_prm(stats: Stats) -> Metrics:
+    """Means, and ``steps/auc`` from the probability histogram."""
+    stats = dict(stats)
+    pos = [stats.pop(f"auc/pos/{i:02d}")[0] for i in range(AUC_BINS)]
+    neg = [stats.pop(f"auc/neg/{i:02d}")[0] for i in range(AUC_BINS)]
+    metrics = common.means(stats)
+    metrics["steps/auc"] = binned_auc(jnp.stack(pos), jnp.stack(neg))
+    return metrics
+
+
 def _denominators(batch: Batch) -> Mapping[str, jax.Array]:
     return {"loss": jnp.maximum(jnp.sum(common.example_weights(batch)), 1.0)}
 
@@ -160,7 +259,9 @@ def finalize(stats: Stats) -> Metrics:
 
 
 def objective(model: Any, config: Any) -> Objective:
-    """Bradley-Terry (pairs) or Plackett-Luce (rankings) on the reward head's scores."""
+    """Bradley-Terry (pairs), Plackett-Luce (rankings) or the PRM's per-step cross-entropy."""
+    if config.algorithm.loss == "prm":
+        return Objective(_prm(model, config), _step_denominators, finalize_prm)
     if config.algorithm.loss == "plackett_luce":
         return Objective(_plackett_luce(model, config), _denominators, finalize)
     return Objective(_bradley_terry(model, config), _denominators, finalize)

@@ -65,8 +65,11 @@ def _tokens(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _denominators(batch: Batch) -> Mapping[str, jax.Array]:
-    _, _, lmask = _tokens(batch)
     w = common.example_weights(batch)
+    if common.is_packed(batch):  # the first (chosen) sequence of every example
+        tokens = jnp.sum(common.packed_token_counts(common.batch_tokens(batch))[:, 0] * w)
+        return {"loss": jnp.maximum(tokens, 1.0)}
+    _, _, lmask = _tokens(batch)
     tokens = jnp.sum(lmask[:, 1:].astype(jnp.float32) * w[:, None])
     return {"loss": jnp.maximum(tokens, 1.0)}
 
@@ -83,16 +86,22 @@ def objective(model: Any, config: Any) -> Objective:
     chunk = config.model.logps_chunk_size
     lora = common.uses_lora(config)
 
-    def fn(params, batch, frozen, key, denominators):
-        ids, attn, lmask = _tokens(batch)
-        w = common.example_weights(batch)
-        lmask = lmask * w[:, None].astype(lmask.dtype)
-        if lora:
-            logps, counts = common.response_logps(
-                model, frozen, ids, attn, lmask, lora=params, chunk_size=chunk, key=key
+    def logps_and_counts(params, batch, frozen, key, w):
+        base, adapters = (frozen, params) if lora else (params, None)
+        if common.is_packed(batch):  # [batch, k] -> the first (chosen) sequence, weighted
+            logps, counts = common.packed_response_logps(
+                model, base, common.batch_tokens(batch), lora=adapters, chunk_size=chunk, key=key
             )
-        else:
-            logps, counts = common.response_logps(model, params, ids, attn, lmask, chunk_size=chunk)
+            return logps[:, 0] * w, counts[:, 0] * w
+        ids, attn, lmask = _tokens(batch)
+        lmask = lmask * w[:, None].astype(lmask.dtype)
+        return common.response_logps(
+            model, base, ids, attn, lmask, lora=adapters, chunk_size=chunk, key=key
+        )
+
+    def fn(params, batch, frozen, key, denominators):
+        w = common.example_weights(batch)
+        logps, counts = logps_and_counts(params, batch, frozen, key, w)
         loss = -jnp.sum(logps) / denominators["loss"]
         examples = jnp.sum(w)
         stats = {

@@ -164,6 +164,10 @@ CASES = {
             {"target": 6.0, "horizon": 100.0, "n_steps": 4},
         ),
     ),
+    "process_reward_loss": (
+        L.process_reward_loss,
+        lambda d: ((d.normal(B, T), d.flags(B, T, p=0.5), d.mask(B, T)), {}, {}),
+    ),
     # --- policy_gradient.py
     "ppo_policy_loss": (
         L.ppo_policy_loss,
