@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from experiments.configs import common as config_common
+from experiments.configs import grpo as grpo_config
 from experiments.configs import reward_model as reward_model_config
 from prefjax import data, losses, models
 from prefjax import rollout as rollout_lib
 from prefjax import sharding as shd
 from prefjax.rollout import prm, rewards
-from prefjax.train import evaluation, reward
+from prefjax.train import checkpointing, evaluation, online, reward
 from prefjax.train import setup as train_setup
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -279,3 +280,31 @@ def test_prm_preset_runs_end_to_end(tmp_path):
     for name in ("steps/accuracy", "steps/auc", "steps/outcome_accuracy", "steps/positive_rate"):
         assert 0.0 <= evals[-1][f"eval/{name}"] <= 1.0, name
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    # The run is a reward source of the online algorithms: reward.source="prm".
+    config = grpo_config.get_config("tiny")
+    config.data.task = "arithmetic"
+    config.algorithm.reward.update(source="prm", model_dir=str(workdir), prm_aggregation="product")
+    online.validate_rollout_fields(config)
+    source = online.reward_source(config, TOK)
+    assert isinstance(source, rewards.ProcessRewardModel) and source.separator_id == SEP
+    params = checkpointing.restore_params(str(workdir))
+    prompt = np.array([[TOK.pad_id, TOK.bos_id, *b"3+1x2="]] * 2, np.int32)
+    tokens = np.array([[*b"4\n5\n", TOK.eos_id], [*b"4\n7\n", TOK.eos_id]], np.int32)
+    r = rollout_lib.Rollout(
+        prompt,
+        (prompt != TOK.pad_id).astype(np.int32),
+        tokens,
+        np.ones_like(tokens),
+        np.zeros(tokens.shape, np.float32),
+        np.zeros(2, np.int32),
+        np.full(2, 5, np.int32),
+        np.arange(2, dtype=np.int32),
+    )
+    ids, attn, resp = rollout_lib.sequences(r)
+    expected = prm.prm_rewards(
+        source.model, params, ids, attn, resp, separator_id=SEP, aggregation="product"
+    )
+    np.testing.assert_allclose(np.asarray(source(r)), np.asarray(expected), rtol=1e-6)
+    config.algorithm.reward.prm_aggregation = "mean"
+    with pytest.raises(ValueError, match="config.algorithm.reward.prm_aggregation='mean'"):
+        online.validate_rollout_fields(config)
