@@ -57,6 +57,15 @@ flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (0 = by device kind /
 flags.DEFINE_bool("torch", False, "Also time the same step in plain PyTorch (transformers Llama).")
 flags.DEFINE_bool("torch_only", False, "Internal: time only the PyTorch step, print its JSON.")
 flags.DEFINE_string("json_out", "", "Write the results as JSON here (default: $OUT/dpo_step.json).")
+flags.DEFINE_string(
+    "lengths",
+    "",
+    "'' = fixed-shape random pairs (seq_len tokens each); else a prefjax.data.lengths profile "
+    "(hh_helpful | uniform): pairs with those token counts (truncated to prompt_len / seq_len), "
+    "timed as real (non-padding) tokens/s over --num_batches batches.",
+)
+flags.DEFINE_bool("packing", False, "With --lengths: also time packed batches of the same pairs.")
+flags.DEFINE_integer("num_batches", 4, "With --lengths: distinct batches timed per pass.")
 
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -106,6 +115,36 @@ def make_batch(np, vocab: int, seed: int = 0) -> dict:
     }
 
 
+def length_batches(np, vocab: int) -> tuple[list[dict], list[dict], int]:
+    """``--lengths``: the padded and packed batches of ``num_batches * batch_pairs`` pairs with
+    token counts from the profile, and the real (non-padding) tokens of one pass over them.
+
+    Padded batches use the default buckets (powers of two up to ``seq_len``); packed rows are
+    ``seq_len`` long. Both hold the same pairs in the same batches (a deterministic plan).
+    """
+    from prefjax import data
+    from prefjax.data import lengths
+    from prefjax.data.dataset import TokenizedDataset, object_array
+
+    n = FLAGS.batch_pairs * FLAGS.num_batches
+    p, c, r = lengths.sample_pair_lengths(
+        FLAGS.lengths, n, max_len=FLAGS.seq_len, max_prompt_len=FLAGS.prompt_len, seed=0
+    )
+    rng = np.random.default_rng(0)
+    tok = lambda k: rng.integers(3, vocab, int(k), dtype=np.int32)  # noqa: E731
+    cols = {
+        "prompt_ids": object_array([tok(k) for k in p]),
+        "chosen_ids": object_array([tok(k) for k in c]),
+        "rejected_ids": object_array([tok(k) for k in r]),
+        "prompt_id": object_array([str(i) for i in range(n)]),
+    }
+    ds = TokenizedDataset("pairwise", cols, pad_id=0, max_len=FLAGS.seq_len)
+    kw = dict(shuffle=False, num_epochs=1, process_index=0, process_count=1)
+    padded = list(data.BatchIterator(ds, FLAGS.batch_pairs, **kw))
+    packed = list(data.BatchIterator(ds, FLAGS.batch_pairs, packing=True, **kw))
+    return padded, packed, int((p + c).sum() + (p + r).sum())
+
+
 def shape_overrides() -> dict:
     out = {"vocab_size": FLAGS.vocab} if FLAGS.vocab else {}
     if FLAGS.tie != "preset":
@@ -146,6 +185,8 @@ def time_prefjax() -> dict:
                 model, model.params, [batch], mesh=mesh, chunk_size=FLAGS.chunked_logps
             )
         )
+    if FLAGS.lengths:
+        return time_prefjax_lengths(jax, jnp, np, model, config, mesh, dpo, train_setup, models)
     setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), dpo)
     n_params = models.param_count(model.params)
     # All but the input embedding (a tied embedding still does the output matmul).
@@ -191,6 +232,130 @@ def time_prefjax() -> dict:
     }
 
 
+def time_prefjax_lengths(jax, jnp, np, model, config, mesh, dpo, train_setup, models) -> dict:
+    """``--lengths``: real tokens/s of padded (and with ``--packing`` packed) batches of the same
+    pairs, measured interleaved: ``--steps`` rounds of one pass over the padded batches then one
+    over the packed ones, after an untimed pass each (compiling every shape); medians."""
+    padded, packed, real = length_batches(np, model.config.vocab_size)
+    layouts = {"padded": padded, **({"packed": packed} if FLAGS.packing else {})}
+    if FLAGS.reference == "precomputed":  # per pair, from the padded batches, for both layouts
+        refs = [dpo.precompute_reference_logps(model, model.params, [b], mesh=mesh) for b in padded]
+        layouts = {
+            k: [{**b, **ref} for b, ref in zip(v, refs, strict=True)] for k, v in layouts.items()
+        }
+    setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), dpo)
+    state = setup.state
+    sharded = {k: [setup.shard_batch(b) for b in v] for k, v in layouts.items()}
+
+    def one_pass(batches):
+        nonlocal state
+        t = time.perf_counter()
+        for b in batches:
+            state, metrics = setup.train_step(state, b, setup.frozen, jax.random.key(0))
+        metrics["loss"].block_until_ready()
+        return time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    for batches in sharded.values():
+        one_pass(batches)  # compiles every shape
+    compile_s = time.perf_counter() - t0
+    times = {k: [] for k in sharded}
+    for _ in range(FLAGS.steps):
+        for name, batches in sharded.items():
+            times[name].append(one_pass(batches))
+    out = {
+        "system": "prefjax",
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "lengths": FLAGS.lengths,
+        "real_tokens_per_pass": real,
+        "compile_and_first_passes_s": compile_s,
+    }
+    for name, batches in layouts.items():
+        slots = sum(b["input_ids"].size for b in batches)
+        med = statistics.median(times[name])
+        out[name] = {
+            "pass_s": med,
+            "real_tokens_per_s": real / med,
+            "token_slots_per_pass": slots,
+            "padding_fraction": 1 - real / slots,
+            "shapes": sorted({tuple(b["input_ids"].shape) for b in batches}),
+            "times": times[name],
+        }
+    if "packed" in out:
+        out["packed_over_padded"] = (
+            out["packed"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"]
+        )
+    out["tokens_per_s"] = out["padded"]["real_tokens_per_s"]
+    return out
+
+
+def time_torch_lengths(torch, F, policy, ref, opt, device, sync) -> dict:
+    """``--lengths``: plain PyTorch on the padded batches of the same pairs (same buckets)."""
+
+    from prefjax import data
+    from prefjax.data import lengths
+
+    n = FLAGS.batch_pairs * FLAGS.num_batches
+    p, c, r = lengths.sample_pair_lengths(
+        FLAGS.lengths, n, max_len=FLAGS.seq_len, max_prompt_len=FLAGS.prompt_len, seed=0
+    )
+    buckets = data.default_buckets(FLAGS.seq_len)
+    vocab = policy.config.vocab_size
+    b = FLAGS.batch_pairs
+    batches = []
+    for j in range(FLAGS.num_batches):
+        sl = slice(j * b, (j + 1) * b)
+        pp, cc, rr = p[sl], c[sl], r[sl]
+        t = data.bucket_length(int(max((pp + cc).max(), (pp + rr).max())), buckets)
+        ids = torch.randint(3, vocab, (2 * b, t), device=device)
+        attn = torch.zeros(2 * b, t, device=device, dtype=torch.long)
+        resp = torch.zeros(2 * b, t, device=device)
+        for i, (lp, lr) in enumerate(
+            list(zip(pp, cc, strict=True)) + list(zip(pp, rr, strict=True))
+        ):
+            attn[i, : lp + lr] = 1
+            resp[i, lp : lp + lr] = 1
+        batches.append((ids, attn, resp[:, 1:]))
+    real = int((p + c).sum() + (p + r).sum())
+
+    def seq_logps(model, ids, attn, mask):
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        lp = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(-1)
+        return (lp * mask).sum(-1)
+
+    def step(ids, attn, mask):
+        with torch.no_grad():
+            rl = seq_logps(ref, ids, attn, mask)
+        pl = seq_logps(policy, ids, attn, mask)
+        x = 0.1 * ((pl[:b] - rl[:b]) - (pl[b:] - rl[b:]))
+        loss = -F.logsigmoid(x).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def one_pass():
+        t0 = time.perf_counter()
+        for batch in batches:
+            step(*batch)
+        sync()
+        return time.perf_counter() - t0
+
+    one_pass()
+    times = [one_pass() for _ in range(FLAGS.steps)]
+    med = statistics.median(times)
+    return {
+        "system": f"pytorch-eager-{device}",
+        "torch": torch.__version__,
+        "lengths": FLAGS.lengths,
+        "pass_s": med,
+        "real_tokens_per_s": real / med,
+        "tokens_per_s": real / med,
+        "times": times,
+    }
+
+
 def time_torch(n_threads: int) -> dict:
     """The same DPO step in plain PyTorch (the peers' torch_dpo.py logic at this shape)."""
     import torch
@@ -225,6 +390,9 @@ def time_torch(n_threads: int) -> dict:
     n_params = sum(p.numel() for p in policy.parameters())
     n_matmul = n_params - policy.model.embed_tokens.weight.numel()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if FLAGS.lengths:
+        return time_torch_lengths(torch, F, policy, ref, opt, device, sync)
     b, t, p = FLAGS.batch_pairs, FLAGS.seq_len, FLAGS.prompt_len
     ids = torch.randint(3, cfg.vocab_size, (2 * b, t), device=device)
     mask = torch.zeros(2 * b, t - 1, device=device)
@@ -247,7 +415,6 @@ def time_torch(n_threads: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         step()
     sync()
@@ -292,18 +459,35 @@ def main(argv):
                 "remat",
                 "steps",
                 "tie",
+                "lengths",
+                "packing",
+                "num_batches",
             )
         }
     }
     results["prefjax"] = time_prefjax()
     r = results["prefjax"]
-    print(
-        f"prefjax  {r['device']}: {r['step_s'] * 1e3:.1f} ms/step, "
-        f"{r['tokens_per_s']:,.0f} tokens/s, "
-        f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.2f} TF/s ({r['peak_kind']}), "
-        f"peak memory {r['peak_mem_gb']:.2f} GB ({r['mem_kind']})",
-        flush=True,
-    )
+    if FLAGS.lengths:
+        for name in ("padded", "packed"):
+            if name in r:
+                x = r[name]
+                print(
+                    f"prefjax {name:>6} ({FLAGS.lengths}): {x['real_tokens_per_s']:,.0f} real "
+                    f"tokens/s, {x['pass_s'] * 1e3:.0f} ms per pass of {FLAGS.num_batches} "
+                    f"batches, padding {100 * x['padding_fraction']:.0f}% of "
+                    f"{x['token_slots_per_pass']:,} slots, shapes {x['shapes']}",
+                    flush=True,
+                )
+        if "packed_over_padded" in r:
+            print(f"packed / padded = {r['packed_over_padded']:.2f}x (real tokens/s)", flush=True)
+    else:
+        print(
+            f"prefjax  {r['device']}: {r['step_s'] * 1e3:.1f} ms/step, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, "
+            f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.2f} TF/s ({r['peak_kind']}), "
+            f"peak memory {r['peak_mem_gb']:.2f} GB ({r['mem_kind']})",
+            flush=True,
+        )
     if FLAGS.torch:
         try:
             import torch  # noqa: F401
@@ -323,12 +507,27 @@ def main(argv):
             results["torch"] = t = json.loads(line.split(" ", 1)[1])
             ratio = r["tokens_per_s"] / t["tokens_per_s"]
             results["ratio_prefjax_over_torch"] = ratio
-            print(
-                f"{t['system']}: {t['step_s'] * 1e3:.1f} ms/step, "
-                f"{t['tokens_per_s']:,.0f} tokens/s; "
-                f"prefjax / torch = {ratio:.2f}x",
-                flush=True,
-            )
+            if FLAGS.lengths:
+                packed = r.get("packed", {}).get("real_tokens_per_s")
+                if packed:
+                    results["ratio_packed_over_torch"] = packed / t["tokens_per_s"]
+                print(
+                    f"{t['system']} padded: {t['tokens_per_s']:,.0f} real tokens/s; prefjax "
+                    f"padded / torch = {ratio:.2f}x"
+                    + (
+                        f", prefjax packed / torch = {packed / t['tokens_per_s']:.2f}x"
+                        if packed
+                        else ""
+                    ),
+                    flush=True,
+                )
+            else:
+                print(
+                    f"{t['system']}: {t['step_s'] * 1e3:.1f} ms/step, "
+                    f"{t['tokens_per_s']:,.0f} tokens/s; "
+                    f"prefjax / torch = {ratio:.2f}x",
+                    flush=True,
+                )
     out = FLAGS.json_out or (
         os.path.join(os.environ["OUT"], "dpo_step.json") if "OUT" in os.environ else ""
     )
