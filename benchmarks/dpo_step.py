@@ -55,7 +55,8 @@ flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Activation remater
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 compiling steps).")
 flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (0 = by device kind / measured).")
 flags.DEFINE_bool("torch", False, "Also time the same step in plain PyTorch (transformers Llama).")
-flags.DEFINE_bool("torch_only", False, "Internal: time only the PyTorch step, print its JSON.")
+flags.DEFINE_bool("torch_worker", False, "Internal: run PyTorch steps on request (stdin).")
+flags.DEFINE_bool("scan_unroll", False, "Unroll the layer scan (TransformerConfig.scan_unroll).")
 flags.DEFINE_string("json_out", "", "Write the results as JSON here (default: $OUT/dpo_step.json).")
 
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -113,7 +114,8 @@ def shape_overrides() -> dict:
     return out
 
 
-def time_prefjax() -> dict:
+def build_prefjax() -> tuple:
+    """``(run_step, info)``: one call of ``run_step()`` runs one jitted DPO step to completion."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -126,6 +128,7 @@ def time_prefjax() -> dict:
 
     overrides = {"dtype": jnp.dtype(FLAGS.dtype), "param_dtype": jnp.float32, "remat": FLAGS.remat}
     overrides["attention_impl"] = FLAGS.attention or None
+    overrides["scan_unroll"] = FLAGS.scan_unroll
     overrides.update(shape_overrides())
     model = models.from_preset(FLAGS.preset, key=jax.random.key(0), **overrides)
     cfg = model.config
@@ -152,21 +155,31 @@ def time_prefjax() -> dict:
     n_matmul = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
     del model
     sharded = setup.shard_batch(batch)
-    state = setup.state
-    t0 = time.perf_counter()
-    for _ in range(2):  # compile + one warm step
-        state, metrics = setup.train_step(state, sharded, setup.frozen, jax.random.key(0))
-        metrics["loss"].block_until_ready()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.steps):
-        t = time.perf_counter()
-        state, metrics = setup.train_step(state, sharded, setup.frozen, jax.random.key(0))
-        metrics["loss"].block_until_ready()
-        times.append(time.perf_counter() - t)
+    holder = {"state": setup.state}
+
+    def run_step():
+        holder["state"], metrics = setup.train_step(
+            holder["state"], sharded, setup.frozen, jax.random.key(0)
+        )
+        holder["loss"] = metrics["loss"].block_until_ready()
+
+    def hlo_text():
+        args = (holder["state"], sharded, setup.frozen, jax.random.key(0))
+        return setup.train_step.lower(*args).compile().as_text()
+
+    info = {"n_params": n_params, "n_matmul": n_matmul, "holder": holder, "hlo_text": hlo_text}
+    return run_step, info
+
+
+def prefjax_result(times: list[float], compile_s: float, info: dict) -> dict:
+    """The JSON record of the prefjax step from its timed steps."""
+    import jax
+    import jax.numpy as jnp
+
     step_s = statistics.median(times)
     tokens = 2 * FLAGS.batch_pairs * FLAGS.seq_len
     k = 8 if FLAGS.reference == "copy" else 6
+    n_matmul = info["n_matmul"]
     peak, peak_kind = device_peak(jax, jnp)
     mem, mem_kind = peak_memory_gb(jax)
     return {
@@ -174,7 +187,7 @@ def time_prefjax() -> dict:
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
-        "n_params": n_params,
+        "n_params": info["n_params"],
         "n_matmul_params": n_matmul,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
@@ -186,24 +199,40 @@ def time_prefjax() -> dict:
         "peak_mem_gb": mem,
         "mem_kind": mem_kind,
         "compile_and_first_step_s": compile_s,
-        "loss": float(metrics["loss"]),
+        "loss": float(info["holder"]["loss"]),
         "times": times,
     }
 
 
-def time_torch(n_threads: int) -> dict:
-    """The same DPO step in plain PyTorch (the peers' torch_dpo.py logic at this shape)."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+def timed(run_step) -> float:
+    t = time.perf_counter()
+    run_step()
+    return time.perf_counter() - t
 
-    from prefjax import models
 
-    cfg = models.preset(FLAGS.preset, **shape_overrides())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(n_threads)
-    dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+def warm_up(run_step) -> float:
+    """Seconds of two untimed steps (compilation + one warm step)."""
+    return timed(run_step) + timed(run_step)
+
+
+def hf_model(cfg):
+    """A randomly initialised ``transformers`` model of ``cfg``'s architecture: GPT-2 for the
+    gpt2 preset (LayerNorm, GELU, learned positions, biases, tied), else Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if cfg.model_type == "gpt2":
+        gcfg = GPT2Config(
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.mlp_dim,
+            n_positions=cfg.max_positions,
+            vocab_size=cfg.vocab_size,
+            activation_function="gelu_new",
+            tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa",
+        )
+        return GPT2LMHeadModel(gcfg)
     lcfg = LlamaConfig(
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -216,14 +245,31 @@ def time_torch(n_threads: int) -> dict:
         head_dim=cfg.resolved_head_dim,
     )
     lcfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(lcfg)
+
+
+def build_torch(n_threads: int) -> tuple:
+    """``(run_step, info)`` of the same DPO step in plain PyTorch (the peers' torch_dpo.py logic
+    at this shape, on the same architecture: :func:`hf_model`); ``run_step()`` returns when the
+    step is done."""
+    import torch
+    import torch.nn.functional as F
+
+    from prefjax import models
+
+    cfg = models.preset(FLAGS.preset, **shape_overrides())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(n_threads)
+    dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(lcfg).to(device, dtype)
-    ref = LlamaForCausalLM(lcfg).to(device, dtype).eval()
+    policy = hf_model(cfg).to(device, dtype)
+    ref = hf_model(cfg).to(device, dtype).eval()
     ref.load_state_dict(policy.state_dict())
     for p in ref.parameters():
         p.requires_grad_(False)
     n_params = sum(p.numel() for p in policy.parameters())
-    n_matmul = n_params - policy.model.embed_tokens.weight.numel()
+    n_matmul = n_params - policy.get_input_embeddings().weight.numel()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
     b, t, p = FLAGS.batch_pairs, FLAGS.seq_len, FLAGS.prompt_len
     ids = torch.randint(3, cfg.vocab_size, (2 * b, t), device=device)
@@ -248,33 +294,81 @@ def time_torch(n_threads: int) -> dict:
         return loss
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        step()
-    sync()
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
+
+    def run_step():
         step()
         sync()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens = 2 * b * t
-    return {
+
+    info = {
         "system": f"pytorch-eager-{device}",
         "torch": torch.__version__,
         "n_matmul_params": n_matmul,
-        "step_s": step_s,
-        "tokens_per_s": tokens / step_s,
-        "times": times,
     }
+    return run_step, info
+
+
+def torch_worker() -> None:
+    """Runs PyTorch steps on request (``--torch_worker``): prints ``READY`` once built and warm,
+    then for each ``step`` line on stdin runs one step and prints its seconds; ``info`` prints
+    the step's description as JSON."""
+    run_step, info = build_torch(os.cpu_count() or 1)
+    warm_up(run_step)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(f"{timed(run_step)!r}", flush=True)
+        elif line.strip() == "info":
+            print(json.dumps(info), flush=True)
+
+
+class TorchPeer:
+    """A ``--torch_worker`` subprocess (its own runtime and thread pools), stepped on request so
+    that its steps interleave with prefjax's under the same machine load."""
+
+    def __init__(self):
+        argv = [a for a in sys.argv[1:] if not a.startswith(("--torch", "--json_out"))]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.dpo_step", "--torch_worker", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._expect("READY")
+
+    def _expect(self, word: str) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return
+        raise RuntimeError(f"the PyTorch worker exited before printing {word}")
+
+    def _ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline()
+
+    def step(self) -> float:
+        return float(self._ask("step"))
+
+    def info(self) -> dict:
+        return json.loads(self._ask("info"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def torch_result(times: list[float], info: dict) -> dict:
+    step_s = statistics.median(times)
+    tokens = 2 * FLAGS.batch_pairs * FLAGS.seq_len
+    return {**info, "step_s": step_s, "tokens_per_s": tokens / step_s, "times": times}
 
 
 def main(argv):
     del argv
     if FLAGS.prompt_len >= FLAGS.seq_len:
         raise app.UsageError("--prompt_len must be smaller than --seq_len")
-    if FLAGS.torch_only:
-        print("TORCH_RESULT " + json.dumps(time_torch(os.cpu_count() or 1)))
+    if FLAGS.torch_worker:
+        torch_worker()
         return
     results = {
         "args": {
@@ -290,20 +384,15 @@ def main(argv):
                 "chunked_logps",
                 "reference",
                 "remat",
+                "scan_unroll",
                 "steps",
                 "tie",
             )
         }
     }
-    results["prefjax"] = time_prefjax()
-    r = results["prefjax"]
-    print(
-        f"prefjax  {r['device']}: {r['step_s'] * 1e3:.1f} ms/step, "
-        f"{r['tokens_per_s']:,.0f} tokens/s, "
-        f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.2f} TF/s ({r['peak_kind']}), "
-        f"peak memory {r['peak_mem_gb']:.2f} GB ({r['mem_kind']})",
-        flush=True,
-    )
+    run_step, info = build_prefjax()
+    compile_s = warm_up(run_step)
+    peer = None
     if FLAGS.torch:
         try:
             import torch  # noqa: F401
@@ -311,24 +400,32 @@ def main(argv):
         except ImportError as err:
             print(f"--torch: {err}; skipping the PyTorch comparison")
         else:
-            # A separate process, so that neither runtime's thread pools slow the other.
-            argv = [a for a in sys.argv[1:] if not a.startswith(("--torch", "--json_out"))]
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.dpo_step", "--torch_only", *argv],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("TORCH_RESULT ")][-1]
-            results["torch"] = t = json.loads(line.split(" ", 1)[1])
-            ratio = r["tokens_per_s"] / t["tokens_per_s"]
-            results["ratio_prefjax_over_torch"] = ratio
-            print(
-                f"{t['system']}: {t['step_s'] * 1e3:.1f} ms/step, "
-                f"{t['tokens_per_s']:,.0f} tokens/s; "
-                f"prefjax / torch = {ratio:.2f}x",
-                flush=True,
-            )
+            peer = TorchPeer()
+    # Interleaved: one prefjax step, then one PyTorch step, so both see the same machine load.
+    times, torch_times = [], []
+    for _ in range(FLAGS.steps):
+        times.append(timed(run_step))
+        if peer is not None:
+            torch_times.append(peer.step())
+    results["prefjax"] = r = prefjax_result(times, compile_s, info)
+    print(
+        f"prefjax  {r['device']}: {r['step_s'] * 1e3:.1f} ms/step, "
+        f"{r['tokens_per_s']:,.0f} tokens/s, "
+        f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.2f} TF/s ({r['peak_kind']}), "
+        f"peak memory {r['peak_mem_gb']:.2f} GB ({r['mem_kind']})",
+        flush=True,
+    )
+    if peer is not None:
+        results["torch"] = t = torch_result(torch_times, peer.info())
+        peer.close()
+        ratio = r["tokens_per_s"] / t["tokens_per_s"]
+        results["ratio_prefjax_over_torch"] = ratio
+        print(
+            f"{t['system']}: {t['step_s'] * 1e3:.1f} ms/step, "
+            f"{t['tokens_per_s']:,.0f} tokens/s; "
+            f"prefjax / torch = {ratio:.2f}x (medians of {FLAGS.steps} interleaved steps)",
+            flush=True,
+        )
     out = FLAGS.json_out or (
         os.path.join(os.environ["OUT"], "dpo_step.json") if "OUT" in os.environ else ""
     )
