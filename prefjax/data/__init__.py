@@ -21,6 +21,7 @@ from prefjax.data.loaders import datasets_from_config as datasets_from_config
 from prefjax.data.loaders import load_dataset as load_dataset
 from prefjax.data.loaders import load_rows as load_rows
 from prefjax.data.loaders import load_split_datasets as load_split_datasets
+from prefjax.data.loaders import task_from_config as task_from_config
 from prefjax.data.readers import read_records as read_records
 from prefjax.data.readers import read_tfds as read_tfds
 from prefjax.data.readers import write_jsonl as write_jsonl

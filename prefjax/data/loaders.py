@@ -191,6 +191,8 @@ def _task_records(task, kind: str, num: int, seed: int, sft_responses: str) -> l
         return task.listwise_records(num, seed=seed)
     if kind == "unpaired":
         return task.unpaired_records(num, seed=seed)
+    if kind == "prompt":
+        return task.prompt_records(num, seed=seed)
     if kind == "sft" and sft_responses == "base":
         return task.sft_records(num, seed=seed)
     if kind == "sft":

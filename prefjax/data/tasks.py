@@ -646,14 +646,16 @@ class ArithmeticTask(_TaskDatasets):
     solution.
 
     Attributes:
-      increments: the ``d`` that prompts use.
+      increments: the ``d`` that prompts use (default ``(1,)``, counting on by one: a tiny model
+        learns to judge its steps in a few hundred steps; ``(1, 2, 3)`` takes several times
+        longer).
       min_steps, max_steps: the range of ``n``.
       p_correct: per-step accuracy of the base distribution.
       separator: the text that ends every step (one token under the tokenizer).
       temperature, flip_prob: Bradley-Terry noise of the pairwise records.
 
     Example:
-      >>> task = ArithmeticTask()
+      >>> task = ArithmeticTask(increments=(1, 2, 3))
       >>> task.solution("3+2x4=")
       ['5', '7', '9', '1']
       >>> task.step_labels("3+2x4=", ["5", "8", "0", "2"])  # a slip at step 2, then consistent
@@ -662,7 +664,7 @@ class ArithmeticTask(_TaskDatasets):
       0.25
     """
 
-    increments: tuple = (1, 2, 3)
+    increments: tuple = (1,)
     min_steps: int = 2
     max_steps: int = 6
     p_correct: float = 0.8

@@ -145,9 +145,16 @@ def _generate(
     model = Model(config, None, head=head)
     batch, prompt_len = prompt_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model.prefill(params, prompt_ids, prompt_mask, cache, lora=lora)
+    # The LM head only at each row's last prompt token: [B, D] @ [D, V], not [B, P, D] @ [D, V]
+    # (at batch 32 and 64-token prompts the full prompt logits cost as much as 64 decode steps).
+    hidden, cache = model.prefill(
+        params, prompt_ids, prompt_mask, cache, lora=lora, return_hidden=True
+    )
     last = last_token_index(prompt_mask)
-    first_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    first_logits = jnp.einsum(
+        "bd,dv->bv", last_hidden, model.unembedding(params), preferred_element_type=jnp.float32
+    )
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def sample(s: _Sampled, logits: jax.Array) -> _Sampled:

@@ -314,6 +314,7 @@ class Model:
         cache: KVCache,
         *,
         lora: LoRA | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Run ``input_ids`` ``[B, T]`` through the model, appending them to ``cache``.
 
@@ -322,7 +323,9 @@ class Model:
         are best left-padded. The caller must keep ``cache.length + T <= cache.max_len``.
 
         Returns:
-          The head's output for the ``T`` tokens (logits ``[B, T, V]`` for an LM) and the cache.
+          The head's output for the ``T`` tokens (logits ``[B, T, V]`` for an LM), or with
+          ``return_hidden`` the final hidden states ``[B, T, D]`` (a sampler needs the logits of
+          the last prompt token only: ``hidden @ unembedding(params)`` there), and the cache.
         """
         input_ids = jnp.asarray(input_ids)
         attention_mask = jnp.asarray(attention_mask)
@@ -336,7 +339,9 @@ class Model:
         variables = {"params": params}
         if lora is not None:
             variables["lora"] = lora.weights
-        return self.module(lora).apply(variables, input_ids, attention_mask, positions, cache)
+        return self.module(lora).apply(
+            variables, input_ids, attention_mask, positions, cache, return_hidden=return_hidden
+        )
 
     def decode_step(
         self, params: Params, tokens: jax.Array, cache: KVCache, *, lora: LoRA | None = None

@@ -14,6 +14,7 @@ from prefjax.rollout.sampler import token_logprobs as token_logprobs
 from prefjax.rollout.sampler import transform_logits as transform_logits
 from prefjax.rollout.rewards import BestOfN as BestOfN
 from prefjax.rollout.rewards import GoldReward as GoldReward
+from prefjax.rollout.rewards import ProcessRewardModel as ProcessRewardModel
 from prefjax.rollout.rewards import RewardModel as RewardModel
 from prefjax.rollout.rewards import RewardSource as RewardSource
 from prefjax.rollout.rewards import RewardTransform as RewardTransform

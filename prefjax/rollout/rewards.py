@@ -11,6 +11,9 @@ A *source* maps a :class:`~prefjax.rollout.sampler.Rollout` to one raw score per
 * :class:`GoldReward` -- a built-in task's programmatic gold reward (``prefjax.data.RepeatTask``,
   ``prefjax.data.Bandit``), computed on the host from the decoded text (EOS searched in the
   response only: the prompt is cut off by its own mask first);
+* :class:`ProcessRewardModel` -- a process reward model (a reward model trained with
+  ``loss="prm"``) read at every step separator of the response, its step probabilities
+  aggregated by ``min`` or ``product`` (:mod:`prefjax.rollout.prm`);
 * :class:`Verifier` -- a user's function: on strings (``fn(prompts, responses) -> floats``,
   given a tokenizer) or on arrays (``fn(rollout) -> [R]``, a JAX function).
 
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import losses
+from prefjax.rollout import prm
 from prefjax.rollout.sampler import FINISH_LENGTH, Rollout, sequences
 
 
@@ -77,6 +81,59 @@ class RewardModel:
     def __call__(self, rollout: Rollout) -> jax.Array:
         ids, attn, _ = sequences(rollout)
         return _reward_fn(self.model)(self.params, ids, attn)
+
+
+@functools.lru_cache(maxsize=16)
+def _prm_fn(model: Any, separator_id: int, aggregation: str, empty: float) -> Callable:
+    def fn(params, ids, attn, response_mask):
+        return prm.prm_rewards(
+            model,
+            params,
+            ids,
+            attn,
+            response_mask,
+            separator_id=separator_id,
+            aggregation=aggregation,
+            empty=empty,
+        )
+
+    return jax.jit(fn)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProcessRewardModel:
+    """A process reward model as a source: its step probabilities at the separator tokens of
+    each response (never the prompt's), aggregated to ``min`` or ``product`` over the steps.
+
+    Attributes:
+      model: a ``prefjax.models.Model`` with ``head="reward"`` trained with ``loss="prm"``.
+      params: its frozen parameters.
+      separator_id: the step separator's token id (``prefjax.data.step_separator_id``).
+      aggregation: ``"min"`` or ``"product"``.
+      empty: the score of a response without a complete step.
+    """
+
+    model: Any
+    params: Any
+    separator_id: int
+    aggregation: str = "min"
+    empty: float = 0.0
+    name: str = "prm"
+
+    def __post_init__(self):
+        if self.model.head != "reward":
+            raise ValueError(
+                f"ProcessRewardModel needs a 'reward' head model, got {self.model.head!r}"
+            )
+        if self.aggregation not in prm.AGGREGATIONS:
+            raise ValueError(
+                f"aggregation={self.aggregation!r}: expected one of {prm.AGGREGATIONS}"
+            )
+
+    def __call__(self, rollout: Rollout) -> jax.Array:
+        ids, attn, response_mask = sequences(rollout)
+        fn = _prm_fn(self.model, int(self.separator_id), self.aggregation, float(self.empty))
+        return fn(self.params, ids, attn, response_mask)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

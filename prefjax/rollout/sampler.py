@@ -364,15 +364,21 @@ def make_sampler(
     so sampling is data-parallel on the training mesh without gathering the weights.
     """
 
-    def fn(params, prompt_ids, prompt_mask, key, *, lora=None):
+    def fn(params, prompt_ids, prompt_mask, key, lora):
         return sample(model, params, prompt_ids, prompt_mask, key, config, lora=lora)
 
     if mesh is None:
-        return jax.jit(fn)
-    rows = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
-    out = Rollout(*([rows] * len(Rollout._fields)))
-    return jax.jit(
-        fn,
-        in_shardings=(params_sharding, rows, rows, shd.replicated(mesh)),
-        out_shardings=out,
-    )
+        jitted = jax.jit(fn)
+    else:
+        rows = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
+        out = Rollout(*([rows] * len(Rollout._fields)))
+        jitted = jax.jit(
+            fn,
+            in_shardings=(params_sharding, rows, rows, shd.replicated(mesh), None),
+            out_shardings=out,
+        )
+
+    def sampler(params, prompt_ids, prompt_mask, key, *, lora=None):
+        return jitted(params, prompt_ids, prompt_mask, key, lora)
+
+    return sampler

@@ -6,12 +6,19 @@ One file per algorithm, each filling the same protocol:
   prefjax.train.reward      reward models: Bradley-Terry (with margin), Plackett-Luce
   prefjax.train.dpo         DPO and its family (every ``prefjax.losses.PAIRWISE_LOSSES`` entry,
                             listwise, KTO, ORPO, SimPO)
+  prefjax.train.grpo        GRPO / RLOO / REINFORCE on sampled groups (grpo, dr_grpo, dapo,
+                            bnpo reductions; KL in the loss or the reward; GSPO ratio)
+  prefjax.train.online_dpo  online DPO: pairs (or rankings) of the policy's own samples ranked
+                            by a reward source, DPO's loss and step
 
 and the pieces they share:
 
   prefjax.train.config      shared config fields: validation (once per run), derived values
   prefjax.train.setup       sharded state, frozen pytree, jitted steps (``build_setup``)
   prefjax.train.reference   reference log-probs precomputed once (``reference="precomputed"``)
+  prefjax.train.online      the online algorithms' prompt batch -> rollout -> score pipeline
+                            (``"prompt"`` batches, a ``setup`` whose step samples, scores and
+                            updates) and reward sources from the config
   prefjax.train.loop        the loop (checkpoints, resumption, metrics, plots); no algorithm names
   prefjax.train.workdir     run directories: identity, resume rules, lock
   prefjax.train.evaluation  held-out metrics, bandit KL to the closed-form optimum, gold reward
@@ -33,7 +40,8 @@ asks it for everything it needs and knows no algorithm by name:
                                             defined here, once (an SFT config has no beta)
 ``batch_kind(config) -> str``               the batches it reads: ``"sft"``, ``"pairwise"``
                                             (``[batch, 2, seq]``), ``"listwise"`` (``[batch,
-                                            K, seq]``) or ``"unpaired"`` (prefjax.data kinds)
+                                            K, seq]``), ``"unpaired"`` or ``"prompt"`` (online
+                                            algorithms; prefjax.data kinds)
 ``reference(config) -> str``                ``"none"``, ``"copy"`` (a frozen copy of the
                                             initial policy), ``"lora_base"`` (adapters off) or
                                             ``"precomputed"`` (log-probs computed once, beside

@@ -1,0 +1,124 @@
+"""The PPO launcher: its ``:tiny`` preset end to end (SFT warm-up, then PPO on the gold reward),
+the SFT -> reward model -> PPO pipeline, presets and validation that names the field."""
+
+import json
+import os
+
+import pytest
+
+from experiments import launch as launch_module
+from experiments import pipelines
+from experiments.configs import common
+from experiments.configs import ppo as ppo_config
+from tests.experiments.test_launchers import _compilation_cache, launch  # noqa: F401
+
+SMALL = [
+    "--config.data.num_train=64",
+    "--config.logging.progress=False",
+]
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_tiny_preset_runs_end_to_end(tmp_path):
+    workdir = str(tmp_path / "run")
+    argv = ["--config=experiments/configs/ppo.py:tiny", f"--workdir={workdir}", *SMALL]
+    assert launch("experiments.ppo", argv) is None  # exit status 0
+    recs = _records(workdir)
+    train = [r for r in recs if r["split"] == "train"]
+    evals = [r for r in recs if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert [r["step"] for r in evals] == [4]
+    last = train[-1]
+    # Every metric practitioners watch is logged.
+    for name in (
+        "rollout/score",
+        "rollout/kl",
+        "rollout/entropy",
+        "rollout/length",
+        "rollout/eos_fraction",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/value_loss",
+        "values/explained_variance",
+        "advantages/mean",
+        "returns/mean",
+        "kl/coef",
+        "time/rollout",
+        "time/update",
+    ):
+        assert name in last, name
+    # The scoring pass replays the sampler exactly; the first minibatch is on-policy.
+    assert last["rollout/sampler_logprob_gap"] < 1e-4
+    assert last["ppo/first/clipfrac"] == 0.0
+    assert 0.0 <= evals[-1]["eval/gold_reward"] <= 1.0
+    assert "eval/kl/sampled" in evals[-1]
+    assert os.path.isdir(os.path.join(workdir, "sft_warmup"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_sft_reward_model_ppo_pipeline(tmp_path):
+    """Three runs side by side; PPO starts from the SFT policy and is scored by the reward
+    model (its rollout scores are the model's, not the gold reward)."""
+    workdir = str(tmp_path / "rlhf")
+    argv = ["--config=experiments/configs/ppo.py:tiny", f"--workdir={workdir}", *SMALL]
+    argv += ["--config.pipeline.name=sft_rm_ppo", "--config.pipeline.reward_model_steps=4"]
+    assert launch("experiments.ppo", argv) is None
+    assert sorted(os.listdir(workdir)) == ["ppo", "reward_model", "sft"]
+    run = json.load(open(os.path.join(workdir, "ppo", "run.json")))
+    reward_cfg = run["config"]["algorithm"]["reward"]
+    assert reward_cfg["source"] == "model"
+    assert reward_cfg["model_dir"] == os.path.join(workdir, "reward_model")
+    assert run["config"]["model"]["init_from"] == os.path.join(workdir, "sft")
+    evals = [r for r in _records(os.path.join(workdir, "ppo")) if r["split"] == "eval"]
+    assert 0.0 <= evals[-1]["eval/gold_reward"] <= 1.0
+    # Running it again resumes each finished stage without training it again.
+    assert launch("experiments.ppo", argv) is None
+
+
+def test_presets_validate():
+    for preset in ppo_config.PRESETS:
+        config = ppo_config.get_config(preset)
+        common.validate(config, num_devices=8)
+    bandit = ppo_config.get_config("bandit")
+    assert bandit.data.task == "bandit" and bandit.algorithm.max_new_tokens == 1
+    rm = ppo_config.get_config("rm")
+    sft_c, rm_c, ppo_c = pipelines.sft_rm_ppo_configs(rm, "/tmp/w")
+    assert sft_c.algorithm.name == "sft" and rm_c.algorithm.name == "reward"
+    assert ppo_c.algorithm.reward.model_dir == "/tmp/w/reward_model"
+    assert ppo_c.model.init_from == "/tmp/w/sft" and ppo_c.sft_warmup.num_steps == 0
+    for stage in (sft_c, rm_c):
+        assert "pipeline" not in stage and "sft_warmup" not in stage
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_minibatches", 3, r"config\.algorithm\.num_minibatches=3: must divide"),
+        ("clip_eps", 1.5, r"config\.algorithm\.clip_eps=1\.5"),
+        ("kl_control", "pid", r"config\.algorithm\.kl_control='pid'"),
+        ("kl_estimator", "k4", r"config\.algorithm\.kl_estimator='k4'"),
+        ("critic", "twin", r"config\.algorithm\.critic='twin'"),
+        ("loss_reduction", "sum", r"config\.algorithm\.loss_reduction='sum'"),
+        ("gae_lambda", 1.5, r"config\.algorithm\.gae_lambda=1\.5"),
+        ("train_critic", False, r"config\.algorithm\.train_critic=False"),
+    ],
+    ids=lambda x: x if isinstance(x, str) and " " not in x and "\\" not in x else "",
+)
+def test_validation_names_the_field(field, value, message):
+    config = ppo_config.get_config()
+    config.algorithm[field] = value
+    with pytest.raises(common.ConfigError, match=message):
+        common.validate(config, num_devices=8)
+
+
+def test_unknown_pipeline_is_refused(tmp_path):
+    argv = [f"--workdir={tmp_path}", "--config.pipeline.name=rlhf"]
+    with pytest.raises(launch_module.LaunchError, match=r"config\.pipeline\.name='rlhf'") as e:
+        launch("experiments.ppo", argv)
+    assert e.value.code == launch_module.EXIT_REFUSED
