@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from prefjax import sharding as shd
 from prefjax.rollout import prm, rewards
 from prefjax.train import checkpointing, evaluation, online, reward
 from prefjax.train import setup as train_setup
+from prefjax.train.state import TrainState
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 TOK = models.ByteTokenizer()
@@ -90,6 +92,32 @@ def test_prm_loss_and_metrics_match_numpy(model, batch):
     # The per-example loss is the library's, which the docstring example derives by hand.
     per_example = losses.process_reward_loss(z, y, mask)
     np.testing.assert_allclose(np.asarray(per_example), (bce * mask).sum(1), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_prm_accumulation_is_exact_with_unequal_step_counts(model, batch):
+    def one_step(accum):
+        config = make_config()
+        config.optimizer.grad_accum_steps = accum
+        s = train_setup.build_setup(
+            config, model, shd.single_device_mesh(), jax.random.key(1), reward
+        )
+        state = TrainState.create(params=jax.tree.map(jnp.copy, model.params), tx=s.state.tx)
+        state, metrics = s.train_step(state, batch, None, jax.random.key(2))
+        return jax.device_get(state.params), jax.device_get(metrics)
+
+    p1, m1 = one_step(1)
+    p2, m2 = one_step(2)
+    for name in ("loss", "steps/accuracy", "steps/auc", "steps/outcome_accuracy"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=1e-6, err_msg=name)
+    diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1), strict=True)
+    )
+    assert diff < 1e-6
+    # The two halves hold different numbers of steps: a mean of per-half means would differ.
+    steps = (batch["step_mask"] * batch["example_mask"][:, None]).reshape(2, -1).sum(1)
+    assert steps[0] != steps[1]
 
 
 def test_binned_auc_equals_the_rank_auc_when_bins_separate_scores():
