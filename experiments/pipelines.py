@@ -6,6 +6,9 @@ run's, with its own ``run.json``) and returns that stage's trained policy:
 
 * :func:`sft_then_dpo` -- the DPO launcher's default: ``config.sft_warmup.num_steps`` steps of SFT
   (in ``<workdir>/sft_warmup``), whose policy becomes DPO's initial policy and frozen reference;
+* :func:`sft_rm_ppo` -- SFT, then a reward model on the task's pairs, then PPO scored by that
+  model from the SFT policy: three runs side by side in the workdir (``python -m experiments.ppo
+  --config=experiments/configs/ppo.py:rm``);
 * :func:`sft_then` -- the same warm-up before any other algorithm (the online launchers: GRPO,
   online DPO), whose policy becomes its initial policy and reference.
 """
@@ -17,7 +20,7 @@ import os
 import jax
 import ml_collections
 
-from prefjax.train import dpo, loop, sft
+from prefjax.train import dpo, loop, ppo, reward, sft
 
 
 def sft_warmup_config(config) -> ml_collections.ConfigDict:
@@ -70,3 +73,58 @@ def sft_then(algorithm):
         return loop.run(config, workdir, algorithm, init_params=init, **kwargs)
 
     return run
+
+
+def _stage_config(config, algorithm_block) -> ml_collections.ConfigDict:
+    """A copy of ``config`` for another algorithm: its own ``config.algorithm``, no pipeline
+    blocks."""
+    stage = ml_collections.ConfigDict(config.to_dict())
+    for block in ("sft_warmup", "pipeline"):
+        if block in stage:
+            del stage[block]
+    stage.algorithm = algorithm_block
+    stage.export.hf = False
+    stage.checkpoint.every = 0
+    return stage
+
+
+def sft_rm_ppo_configs(config, workdir: str) -> tuple[ml_collections.ConfigDict, ...]:
+    """The three runs of :func:`sft_rm_ppo`: SFT (``config.sft_warmup``), a Bradley-Terry reward
+    model on the task's labelled pairs (``config.pipeline``), and PPO scored by that model from
+    the SFT policy (which is also its reference)."""
+    sft_config = _stage_config(config, sft.default_config())
+    sft_config.optimizer.learning_rate = config.sft_warmup.learning_rate
+    sft_config.train.num_steps = config.sft_warmup.num_steps
+    sft_config.train.eval_every = 0
+    rm_config = _stage_config(config, reward.default_config())
+    rm_config.optimizer.learning_rate = config.pipeline.reward_model_learning_rate
+    rm_config.optimizer.schedule = "cosine"
+    rm_config.train.num_steps = config.pipeline.reward_model_steps
+    rm_config.train.eval_every = 0
+    rm_config.eval.generate = False
+    for stage in (sft_config, rm_config):
+        stage.optimizer.warmup_steps = min(10, stage.train.num_steps)
+        stage.logging.plot = False
+    ppo_config = ml_collections.ConfigDict(config.to_dict())
+    ppo_config.sft_warmup.num_steps = 0
+    ppo_config.model.init_from = os.path.join(workdir, "sft")
+    ppo_config.algorithm.reward.source = "model"
+    ppo_config.algorithm.reward.model_dir = os.path.join(workdir, "reward_model")
+    return sft_config, rm_config, ppo_config
+
+
+def sft_rm_ppo(config, workdir: str, **kwargs) -> loop.RunResult:
+    """SFT -> reward model -> PPO on the learned reward: ``python -m experiments.ppo
+    --config=experiments/configs/ppo.py:rm``. Three resumable runs side by side in ``workdir``
+    (``sft/``, ``reward_model/``, ``ppo/``); ``kwargs`` go to the PPO run."""
+    sft_config, rm_config, ppo_config = sft_rm_ppo_configs(config, workdir)
+    for name, stage_config, algorithm in (
+        ("sft", sft_config, sft),
+        ("reward_model", rm_config, reward),
+    ):
+        if jax.process_index() == 0:
+            print(f"{name}: {stage_config.train.num_steps} steps in {workdir}/{name}", flush=True)
+        result = loop.run(stage_config, os.path.join(workdir, name), algorithm)
+        if result.status != "finished":
+            return result
+    return loop.run(ppo_config, os.path.join(workdir, "ppo"), ppo, **kwargs)

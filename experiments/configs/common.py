@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from prefjax.train import config as train_config
-from prefjax.train import dpo, grpo, online_dpo, reward, sft
+from prefjax.train import dpo, grpo, online_dpo, ppo, reward, sft
 from prefjax.train.config import (  # noqa: F401  (re-exported: the names launchers and tests use)
     DEFAULT_RULES,
     ConfigError,
@@ -27,6 +27,7 @@ from prefjax.train.config import (  # noqa: F401  (re-exported: the names launch
 ALGORITHM_MODULES = {m.NAME: m for m in (sft, reward, dpo)}
 # Online algorithms: prompt batches, responses sampled from the policy during training.
 ALGORITHM_MODULES.update({m.NAME: m for m in (grpo, online_dpo)})
+ALGORITHM_MODULES[ppo.NAME] = ppo
 ALGORITHMS = tuple(ALGORITHM_MODULES)
 
 

@@ -26,6 +26,8 @@ and the pieces they share:
   prefjax.train.state       ``TrainState`` (step, trainable params, optimiser state)
   prefjax.train.optim       AdamW + schedules, exact gradient accumulation, non-finite guard
   prefjax.train.common      log-probs of a batch, ``Setup``, jitting, the update with its norms
+  prefjax.train.sweep       K DPO members (beta, label smoothing, learning rate, seed) in one
+                            compiled step against one reference: one workdir per member
 
 The ``Algorithm`` protocol
 --------------------------

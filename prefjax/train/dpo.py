@@ -263,7 +263,7 @@ def reference_logps(model: Any, config: Any) -> Callable[[Any, Batch], jax.Array
     its members and hands it to them as the batch's ``ref_logps``.
     """
     _, ref = _forwards(model, config)
-    return lambda frozen, batch: ref(frozen, batch, tuple(batch[n] for n in common.TOKENS))
+    return lambda frozen, batch: ref(frozen, batch, common.batch_tokens(batch))
 
 
 def _logps(model: Any, params: Any, tokens: tuple, **kwargs: Any) -> tuple[jax.Array, jax.Array]:

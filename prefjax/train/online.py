@@ -11,7 +11,9 @@ every prompt batch the loop hands it:
    the same rollouts as an uninterrupted one;
 2. **score** -- the reward source of ``config.algorithm.reward`` (``"gold"``: the built-in task's
    gold reward; ``"model"``: a trained reward model from an ``experiments/reward_model.py``
-   workdir, :func:`reward_model_from_workdir`; ``"verifier"``: a user's
+   workdir, :func:`reward_model_from_workdir`; ``"prm"``: a process reward model from such a
+   workdir trained with ``loss="prm"``, the min or product of its step probabilities,
+   :func:`prm_from_workdir`; ``"verifier"``: a user's
    ``"package.module:function"``) through :func:`prefjax.rollout.score` (length penalty, clip,
    whiten);
 3. **update** -- the algorithm's jitted ``update(state, rollout_batch, frozen, key)`` on the
@@ -46,7 +48,7 @@ from prefjax import sharding as shd
 from prefjax.train import checkpointing, common
 from prefjax.train.common import Setup
 
-REWARD_SOURCES = ("gold", "model", "verifier")
+REWARD_SOURCES = ("gold", "model", "prm", "verifier")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,10 +69,13 @@ def add_rollout_fields(algo: ml_collections.ConfigDict) -> ml_collections.Config
     # Strings that end a response besides EOS (matched on their token ids), e.g. ("\n\n",).
     algo.stop_strings = ()
     algo.reward = reward = ml_collections.ConfigDict()
-    # Reward source: "gold" (built-in task) | "model" (reward-model workdir) | "verifier".
+    # Reward source: "gold" (built-in task) | "model" (reward-model workdir) | "prm" (process
+    # reward-model workdir) | "verifier".
     reward.source = "gold"
-    # reward.source="model": the workdir of an experiments/reward_model.py run.
+    # reward.source="model" / "prm": the workdir of an experiments/reward_model.py run.
     reward.model_dir = ""
+    # reward.source="prm": "min" | "product" of the step probabilities of a response.
+    reward.prm_aggregation = "min"
     # reward.source="verifier": "package.module:function", called as fn(prompts, responses)
     # on the decoded strings and returning one float per response.
     reward.verifier = ""
@@ -113,7 +118,12 @@ def validate_rollout_fields(config: Any) -> None:
             "config.algorithm.reward.source='gold': data.task='files' has no gold reward; use "
             "'model' (reward.model_dir) or 'verifier'"
         )
-    if r.source == "model" and not os.path.isfile(os.path.join(r.model_dir, "run.json")):
+    if r.source == "prm" and r.prm_aggregation not in rollout.AGGREGATIONS:
+        raise ValueError(
+            f"config.algorithm.reward.prm_aggregation={r.prm_aggregation!r}: expected one of "
+            f"{rollout.AGGREGATIONS}"
+        )
+    if r.source in ("model", "prm") and not os.path.isfile(os.path.join(r.model_dir, "run.json")):
         raise ValueError(
             f"config.algorithm.reward.model_dir={r.model_dir!r}: not a reward-model run "
             "directory (no run.json)"
@@ -186,6 +196,25 @@ def reward_model_from_workdir(run_dir: str, *, mesh: Any = None) -> rollout.Rewa
     return rollout.RewardModel(model, model.params)
 
 
+def prm_from_workdir(
+    run_dir: str, *, aggregation: str = "min", mesh: Any = None
+) -> rollout.ProcessRewardModel:
+    """The process reward model of an ``experiments/reward_model.py`` run trained with
+    ``loss="prm"``, as a source: its step separator is the run's ``data.step_separator`` under
+    the run's tokenizer."""
+    with open(os.path.join(run_dir, "run.json")) as f:
+        cfg = ml_collections.ConfigDict(json.load(f)["config"])
+    if cfg.algorithm.get("loss") != "prm":
+        raise ValueError(
+            f"config.algorithm.reward.model_dir={run_dir!r}: a reward model trained with "
+            f"loss={cfg.algorithm.get('loss')!r}; reward.source='prm' needs loss='prm' "
+            "(use reward.source='model' for it)"
+        )
+    separator = pdata.step_separator_id(tokenizer_of(cfg), cfg.data.get("step_separator", "\n"))
+    rm = reward_model_from_workdir(run_dir, mesh=mesh)
+    return rollout.ProcessRewardModel(rm.model, rm.params, separator, aggregation=aggregation)
+
+
 def _verifier(spec: str, tokenizer: Any) -> rollout.Verifier:
     module, _, name = spec.partition(":")
     try:
@@ -203,6 +232,8 @@ def reward_source(config: Any, tokenizer: Any, *, mesh: Any = None) -> rollout.R
         return rollout.GoldReward(task, tokenizer, invalid_reward=float(r.invalid))
     if r.source == "model":
         return reward_model_from_workdir(r.model_dir, mesh=mesh)
+    if r.source == "prm":
+        return prm_from_workdir(r.model_dir, aggregation=r.prm_aggregation, mesh=mesh)
     return _verifier(r.verifier, tokenizer)
 
 

@@ -42,6 +42,7 @@ entropy, and the same for the first minibatch alone), ``kl/*`` (coefficient, bud
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -53,9 +54,10 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefjax import losses
+from prefjax import rollout as rollout_lib
 from prefjax import sharding as shd
-from prefjax.train import common, optim
-from prefjax.train.common import Metrics
+from prefjax.train import common, loop, online, optim
+from prefjax.train.common import Metrics, Objective, Setup
 from prefjax.train.state import TrainState
 
 # The Algorithm protocol (see prefjax.train): what the launchers ask of this module.
@@ -101,7 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Adaptive control: target KL (nats per response) and horizon (responses).
     algo.kl_target = 1.0
     algo.kl_horizon = 1000.0
-    # Budget control: KL (nats per response) above which the run stops or beta is multiplied.
+    # Budget control: KL (nats per response) above which updates stop ("stop": the rollout's
+    # update is dropped, the policy stays) or beta is multiplied by kl_budget_factor ("raise").
     algo.kl_budget = 5.0
     algo.kl_budget_action = "raise"
     algo.kl_budget_factor = 2.0
@@ -109,20 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
     algo.critic = "shared"
     # Train the critic; False keeps a separate critic frozen (values still used by GAE).
     algo.train_critic = True
-    # Sampling: temperature (the policy's log-probs are of softmax(logits / temperature)),
-    # top-k (0 = off) and top-p (1 = off) of the sampler; new tokens per response.
-    algo.temperature = 1.0
-    algo.top_k = 0
-    algo.top_p = 1.0
-    algo.max_new_tokens = 12
-    # Responses sampled per prompt (the rollout batch is data.batch_size x this).
-    algo.samples_per_prompt = 1
-    # Reward source: "gold" (the built-in task's reward) | "reward_model" (reward_model_dir).
-    algo.reward = "gold"
-    # Workdir of an experiments/reward_model.py run whose latest checkpoint scores responses.
-    algo.reward_model_dir = ""
-    # Score added to a response that hits max_new_tokens without EOS (e.g. -1; 0 = none).
-    algo.length_penalty = 0.0
+    # Sampling (num_samples responses per prompt, temperature / top-k / top-p, replayed by the
+    # trainer) and the reward source: the fields every online algorithm shares.
+    online.add_rollout_fields(algo)
+    algo.num_samples = 1
     return algo
 
 
@@ -144,7 +137,8 @@ def validate_config(config: Any) -> None:
     a = config.algorithm
     if a.loss != "ppo":
         raise _hparams_error("loss", a.loss, "PPO's loss is 'ppo'.")
-    for field in ("num_epochs", "num_minibatches", "max_new_tokens", "samples_per_prompt"):
+    online.validate_rollout_fields(config)
+    for field in ("num_epochs", "num_minibatches"):
         if int(a[field]) < 1:
             raise _hparams_error(field, a[field], "must be >= 1.")
     if not 0.0 < a.clip_eps < 1.0:
@@ -182,15 +176,13 @@ def validate_config(config: Any) -> None:
         raise _hparams_error(
             "train_critic", a.train_critic, "a shared value head trains with the policy."
         )
-    if a.temperature <= 0:
-        raise _hparams_error("temperature", a.temperature, "must be > 0 (sampling).")
-    rollouts = config.data.batch_size * a.samples_per_prompt
+    rollouts = config.data.batch_size * a.num_samples
     per_mini, rem = divmod(rollouts, a.num_minibatches)
     if rem:
         raise _hparams_error(
             "num_minibatches",
             a.num_minibatches,
-            f"must divide the rollout batch data.batch_size x samples_per_prompt = {rollouts}.",
+            f"must divide the rollout batch data.batch_size x num_samples = {rollouts}.",
         )
     if per_mini % config.optimizer.grad_accum_steps:
         raise ValueError(
@@ -226,6 +218,13 @@ class PPOHparams:
     critic: str = "shared"
     train_critic: bool = True
     temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampling transform the trainer replays."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
     @classmethod
     def from_config(cls, config: Any) -> PPOHparams:
@@ -312,13 +311,16 @@ def response_outputs(
     params: Any,
     rollout: Rollout,
     *,
-    temperature: float,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     lora: Any = None,
     value_head: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Log-probs ``[B, N]`` of the response tokens under ``softmax(logits / temperature)``,
-    the entropies ``[B, N]`` of those distributions and, with ``value_head``, the values
-    ``[B, N]`` read from the same trunk pass."""
+    """Log-probs ``[B, N]`` of the response tokens under the sampling distribution
+    (:func:`prefjax.rollout.transform_logits`: temperature, top-k, top-p), the entropies
+    ``[B, N]`` of those distributions and, with ``value_head``, the values ``[B, N]`` read from
+    the same trunk pass."""
     ids, attn = sequences(rollout)
     p, n = rollout["prompt_ids"].shape[1], rollout["tokens"].shape[1]
     hidden = model.hidden_states(params, ids, attn, lora=lora)  # [B, P + N, D]
@@ -327,8 +329,12 @@ def response_outputs(
     logits = jnp.einsum(
         "bnd,dv->bnv", hidden, model.unembedding(params), preferred_element_type=jnp.float32
     )
-    logits = logits / temperature
-    logps = losses.token_logprobs(logits, rollout["tokens"].astype(jnp.int32))
+    tokens = rollout["tokens"].astype(jnp.int32)
+    # The sampling transform, replayed (the sampled token is never dropped).
+    logits = rollout_lib.transform_logits(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p, keep=tokens
+    )
+    logps = losses.token_logprobs(logits, tokens)
     values = None if value_head is None else _value_of(hidden, value_head)
     return logps, losses.entropy(logits), values
 
@@ -470,7 +476,7 @@ def make_ppo_update(
             model,
             policy,
             batch,
-            temperature=hp.temperature,
+            **hp.sampling,
             lora=adapters,
             value_head=value_params if shared else None,
         )
@@ -487,7 +493,7 @@ def make_ppo_update(
         def one(chunk):
             chunk = constrain(chunk) if constrain is not None else chunk
             logps, ent, values = forward(state.params, state.value_params, frozen, chunk)
-            ref, _, _ = response_outputs(model, frozen, chunk, temperature=hp.temperature)
+            ref, _, _ = response_outputs(model, frozen, chunk, **hp.sampling)
             return logps, ref, values, ent
 
         return jax.tree.map(_unsplit, jax.lax.map(one, chunks))
@@ -595,6 +601,10 @@ def make_ppo_update(
         new_state = new_state.replace(
             kl_coef=_next_kl_coef(hp, state.kl_coef, kl_mean, jnp.sum(rows))
         )
+        if hp.kl_control == "budget" and hp.kl_budget_action == "stop":
+            # Over the budget the update is dropped: the policy and critic stay as they are.
+            over = kl_mean > hp.kl_budget
+            new_state = optim.select_tree(over, state.replace(step=new_state.step), new_state)
         metrics = _update_metrics(per_step)
         metrics.update(_rollout_metrics(state, rollout, targets, mask, rows, old_values, old_ent))
         metrics["rollout/kl"] = kl_mean
@@ -724,3 +734,114 @@ def jit_update(
         out_shardings=(state_shard, repl),
         donate_argnums=0,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The set-up the loop trains with: rollout -> score -> update
+# ----------------------------------------------------------------------------------------------
+
+
+def _needs_rollouts(*args: Any) -> Any:
+    raise TypeError("PPO's objective is computed on rollouts: use ppo.setup's train_step")
+
+
+def objective(model: Any, config: Any) -> Objective:
+    """The objective's KL coefficient (for the bandit's closed-form optimum): PPO's loss is on
+    rollouts, inside :func:`setup`'s train step."""
+    return Objective(
+        _needs_rollouts, _needs_rollouts, common.means, float(config.algorithm.kl_coef)
+    )
+
+
+def setup(config: Any, model: Any, mesh: Mesh, key: jax.Array) -> Setup:
+    """Sharded :class:`PPOState` (policy, critic, beta), the frozen reference, and the online
+    train step: sample and score a prompt batch (:mod:`prefjax.train.online`), then one jitted
+    :func:`make_ppo_update`. The critic starts from the policy's trunk (``"separate"``: a copy
+    of the trunk with a fresh value head; ``"shared"``: a value head on the policy itself)."""
+    hp = PPOHparams.from_config(config)
+    rules = shd.rules_from_config(config.mesh)
+    steps = config.train.num_steps * hp.num_epochs * hp.num_minibatches
+    tx, schedule = optim.make_optimizer(config.optimizer, steps)
+    value_tx = tx if hp.train_critic else optax.set_to_zero()
+    policy_key, value_key = jax.random.split(key)
+    lora = common.uses_lora(config)
+    if lora:
+        lc = config.model.lora
+        trainable = model.init_lora(
+            policy_key,
+            rank=lc.rank,
+            alpha=float(lc.alpha),
+            targets=tuple(lc.targets),
+            dropout=float(lc.dropout),
+        )
+        trainable_axes = model.lora_axes(trainable)
+        policy_params = lambda params, frozen: model.merge_lora(frozen, params)
+    else:
+        trainable, trainable_axes = model.params, model.param_axes
+        policy_params = lambda params, frozen: params
+    critic = None if hp.critic == "shared" else model.with_head("value", key=value_key)
+    if critic is None:
+        value = value_head_init(model, value_key)
+    else:
+        value = critic.params
+    params_sharding = shd.param_shardings(mesh, trainable_axes, trainable, rules)
+    value_sharding = shd.param_shardings(mesh, value_axes(model, hp, critic=critic), value, rules)
+    # Fresh copies: the state is donated to every update, the reference keeps model.params.
+    trainable = jax.device_put(trainable, params_sharding, may_alias=False)
+    value = jax.device_put(value, value_sharding, may_alias=False)
+    state, state_shard = create_sharded_state(
+        mesh,
+        tx,
+        value_tx,
+        trainable,
+        params_sharding,
+        value,
+        value_sharding,
+        float(config.algorithm.kl_coef),
+    )
+    frozen_sharding = shd.param_shardings(mesh, model.param_axes, model.params, rules)
+    frozen = jax.device_put(model.params, frozen_sharding, may_alias=True)
+    update = make_ppo_update(
+        model,
+        hp,
+        critic=critic,
+        lora=lora,
+        schedule=schedule,
+        constrain=common.micro_batch_constraint(mesh),
+    )
+    base = Setup(
+        state=state,
+        frozen=frozen,
+        train_step=None,
+        eval_step=None,
+        mesh=mesh,
+        state_sharding=state_shard,
+        frozen_sharding=frozen_sharding,
+        batch_sharding=NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES)),
+        schedule=schedule,
+        model=model,
+        policy_params=policy_params,
+        objective=objective(model, config),
+        reference=frozen,
+        info={
+            "reference": reference(config),
+            "critic": hp.critic,
+            "trainable_params": common.count_params(trainable),
+            "critic_params": common.count_params(value),
+            "frozen_params": common.count_params(frozen),
+            "mesh": dict(mesh.shape),
+        },
+    )
+    return online.online_setup(
+        base,
+        online.make_pipeline(config, model, mesh),
+        jit_update(update, mesh, state_shard, frozen_sharding),
+        eval_stats=online.eval_kl_stats(model, config, True),
+        finalize=common.means,
+        seed=int(config.seed),
+    )
+
+
+def run(config: Any, workdir: str) -> Any:
+    """Trains with ``config`` and writes checkpoints/metrics to ``workdir`` (the generic loop)."""
+    return loop.run(config, workdir, sys.modules[__name__])

@@ -13,10 +13,11 @@ learning rate and the seed, side by side:
   ``label_smoothing`` go into the objective (:class:`prefjax.train.dpo.HParams`), the learning
   rate scales the optimiser's update (which is linear in it), the seed gives the member's step
   keys (LoRA dropout) exactly as a single run derives them from ``config.seed``;
-* :data:`STRATEGIES` says how the members share the compiled step: ``"vmap"`` batches them
-  (``jax.vmap``: every matmul gains a ``[K]`` batch dimension), ``"map"`` runs them one after
-  the other inside the same program (``lax.map``), ``"unroll"`` writes the K updates out one by
-  one into the same program (no loop; compile time grows with K).
+* :data:`STRATEGIES` says how the members share the compiled step: ``"map"`` runs them one
+  after the other inside the same program (``lax.map``: the batch, the reference and one
+  dispatch shared, each member's matmuls as in a single run), ``"vmap"`` batches them
+  (``jax.vmap``: every matmul and gather gains a ``[K]`` batch dimension). On XLA's CPU backend
+  ``"map"`` is the faster (``benchmarks/README.md``, "Sweeps").
 
 Member ``m`` after ``n`` steps equals the single DPO run of :func:`member_config` ``(config,
 m)`` after ``n`` steps (same initial policy and reference, same batches) to float32 rounding
@@ -42,7 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from prefjax import sharding as shd
-from prefjax.train import checkpointing, common, dpo, evaluation, inputs, loop, reference
+from prefjax.train import checkpointing, common, dpo, inputs, loop, reference
 from prefjax.train import config as train_config
 from prefjax.train import logging as metric_logging
 from prefjax.train import setup as train_setup
@@ -52,16 +53,9 @@ from prefjax.train.errors import ConfigError
 from prefjax.train.state import TrainState
 
 # How the members share one compiled step (see the module docstring).
-STRATEGIES = ("vmap", "map", "unroll")
+STRATEGIES = ("map", "vmap")
 # The swept fields, in the order the cartesian product (and a member's name) lists them.
 AXES = ("beta", "label_smoothing", "learning_rate", "seed")
-# Where each swept field lives in a run's config.
-FIELDS = {
-    "beta": "algorithm.beta",
-    "label_smoothing": "algorithm.label_smoothing",
-    "learning_rate": "optimizer.learning_rate",
-    "seed": "seed",
-}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,9 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Values of config.seed: a member's LoRA initialisation and dropout keys (the initial
     # policy and the data order are shared by all members).
     sweep.seed = ()
-    # How the members share the compiled step: "vmap" | "map" | "unroll" (see
-    # prefjax.train.sweep; benchmarks/README.md, "Sweeps", compares them).
-    sweep.strategy = "vmap"
+    # How the members share the compiled step: "map" (one after the other, lax.map) | "vmap"
+    # (batched); benchmarks/README.md, "Sweeps", compares them.
+    sweep.strategy = "map"
     return sweep
 
 
@@ -262,14 +256,7 @@ def _over_members(fn: Callable[..., Any], strategy: str) -> Callable[..., Any]:
     """``fn(member_args...)`` applied to every member of ``[K]``-stacked arguments."""
     if strategy == "vmap":
         return jax.vmap(fn)
-    if strategy == "map":
-        return lambda *xs: jax.lax.map(lambda args: fn(*args), xs)
-
-    def unrolled(*xs):
-        k = jax.tree.leaves(xs)[0].shape[0]
-        return stack([fn(*unstack(xs, i)) for i in range(k)])
-
-    return unrolled
+    return lambda *xs: jax.lax.map(lambda args: fn(*args), xs)
 
 
 def make_sweep_step(
@@ -278,7 +265,7 @@ def make_sweep_step(
     *,
     schedule: Any = None,
     mesh: Any = None,
-    strategy: str = "vmap",
+    strategy: str = "map",
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """``step(states, batch, frozen, params, keys) -> (states, metrics)``, unjitted.
 
@@ -317,7 +304,7 @@ def make_sweep_step(
 
 
 def make_sweep_eval_step(
-    model: Any, config: Any, *, strategy: str = "vmap"
+    model: Any, config: Any, *, strategy: str = "map"
 ) -> Callable[[Any, Batch, Any, MemberParams], Stats]:
     """``eval_step(params, batch, frozen, member_params) -> stats``: every member's held-out
     :data:`~prefjax.train.common.Stats` on one batch (each entry ``[K]``), the reference once."""
@@ -444,6 +431,16 @@ def _json(config: Any) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def _add_stats(total: dict, new: Stats) -> dict:
+    """Adds one eval step's ``[K]`` stats into a running host total (float64, as
+    :func:`prefjax.train.evaluation.merge_metric_sums` adds a single run's)."""
+    out = dict(total)
+    for name, (num, den) in jax.device_get(dict(new)).items():
+        a, b = total.get(name, (0.0, 0.0))
+        out[name] = (a + np.asarray(num, np.float64), b + np.asarray(den, np.float64))
+    return out
+
+
 def evaluate(built: SweepSetup, params: Any, eval_data: Any, config: Any) -> list[dict]:
     """Every member's held-out metrics (``eval/`` names): the sweep's eval step summed over the
     eval split, then each member's built-in task metrics (decoded responses, KL), as
@@ -453,7 +450,7 @@ def evaluate(built: SweepSetup, params: Any, eval_data: Any, config: Any) -> lis
         if config.eval.num_batches and i >= config.eval.num_batches:
             break
         out = built.eval_step(params, base.shard_batch(batch), base.frozen, built.params)
-        sums = evaluation.merge_metric_sums(sums, out)
+        sums = _add_stats(sums, out)
     out = []
     for i, member in enumerate(built.group):
         single = member_config(config, member)

@@ -10,11 +10,13 @@ from experiments.configs import common as config_common
 from prefjax.data import (
     ArithmeticTask,
     DataError,
+    build_tfds,
     collate,
     datasets_from_config,
     detect_kind,
     normalize,
     read_records,
+    read_tfds,
     tokenize,
 )
 from prefjax.data import validate as validate_cli
@@ -150,3 +152,15 @@ def test_validator_reports_step_files(tmp_path, capsys):
     assert validate_cli.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "(step)" in out and "75.0% labelled correct" in out and "50.0% of examples" in out
+
+
+def test_step_rows_round_trip_through_tfds(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    trl = {"prompt": "2+1x2=", "completions": ["3", "4"], "labels": [True, True], "prompt_id": "p"}
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(trl) + "\n")
+    builder = build_tfds({"train": [str(path)]}, data_dir=str(tmp_path / "tfds"), kind="step")
+    back = [r.data for r in read_tfds(builder.data_dir, split="train")]
+    assert back == [
+        GOOD,
+        {"prompt": "2+1x2=", "steps": ["3", "4"], "labels": [1, 1], "prompt_id": "p"},
+    ]

@@ -16,6 +16,8 @@ shifted loss mask crossing a boundary, or a reward read at the wrong token each 
 numbers well beyond the tolerance (``test_cross_segment_attention_would_be_caught``).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,7 +29,9 @@ from prefjax import data, models
 from prefjax import sharding as shd
 from prefjax.data.dataset import TokenizedDataset, object_array
 from prefjax.train import common, dpo, reward, sft
+from prefjax.train import config as train_config
 from prefjax.train import setup as train_setup
+from prefjax.train.errors import ConfigError
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64, vocab_size=64)
 MAX_LEN = 24
@@ -92,7 +96,11 @@ CASES = {
     "dpo_sigmoid": (dpo, {}, "pairwise"),
     "dpo_listwise": (dpo, {"loss": "listwise"}, "listwise"),
     "simpo": (dpo, {"loss": "simpo", "reference": "none"}, "pairwise"),
+    # Vocabulary-chunked log-probs (config.model.logps_chunk_size = 8): hidden states, not logits.
+    "dpo_chunked_logps": (dpo, {}, "pairwise"),
 }
+# Paths the fast cases already cover (the packed reward read, the policy log-probs): CI's slow run.
+SLOW_CASES = ("reward_plackett_luce", "simpo", "dpo_chunked_logps")
 
 
 def loss_and_grads(objective, params, frozen, batch):
@@ -104,10 +112,13 @@ def loss_and_grads(objective, params, frozen, batch):
     return loss, stats, grads
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES]
+)
 def test_packed_objective_equals_padded(name, tiny_models):
     algorithm, changes, kind = CASES[name]
     config = make_config(algorithm, **changes)
+    config.model.logps_chunk_size = 8 if "chunked" in name else 0
     model = tiny_models[algorithm.HEAD]
     ds = random_dataset(kind, seed=len(name))
     padded, packed = batches(ds)
@@ -127,6 +138,7 @@ def test_packed_objective_equals_padded(name, tiny_models):
     assert float(jnp.abs(jnp.concatenate([x.ravel() for x in jax.tree.leaves(want[2])])).max()) > 0
 
 
+@pytest.mark.slow
 def test_cross_segment_attention_would_be_caught(tiny_models):
     """The same packed rows with every segment id set to 1 (one long sequence, attention and
     positions crossing boundaries) give log-probs far from the padded ones."""
@@ -148,22 +160,65 @@ def test_cross_segment_attention_would_be_caught(tiny_models):
     assert np.abs(np.asarray(wrong).reshape(b, k) - np.asarray(want)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_packed_train_step_equals_padded(tiny_models):
-    """One jitted DPO train step (AdamW, clipping, norms) from the same state on both layouts."""
+    """One jitted DPO train step (AdamW, clipping, norms) from the same state on both layouts,
+    and the packed step on 8 devices (rows and examples split over data x fsdp = 2 x 4)."""
     config = make_config(dpo)
     model = tiny_models["lm"]
-    padded, packed = batches(random_dataset("pairwise", seed=5))
+    ds = random_dataset("pairwise", seed=5)
+    padded, packed = batches(ds)
+    rows8 = data.packing.round_rows(data.packing.rows_needed(ds, INDICES, 32, 2), 8)
+    sharded = data.collate_packed(ds, INDICES, 32, rows8)
+    mesh8 = ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1, rules=shd.DEFAULT_RULES))
     out = {}
-    for name, batch in (("padded", padded), ("packed", packed)):
-        setup = train_setup.build_setup(
-            config, model, shd.single_device_mesh(), jax.random.key(1), dpo
-        )
+    for name, batch, mesh in (
+        ("padded", padded, shd.single_device_mesh()),
+        ("packed", packed, shd.single_device_mesh()),
+        ("packed on 8 devices", sharded, shd.make_mesh(mesh8)),
+    ):
+        setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), dpo)
         state, metrics = setup.train_step(
             setup.state, setup.shard_batch(batch), setup.frozen, jax.random.key(0)
         )
         out[name] = (jax.device_get(state.params), jax.device_get(metrics))
-    (p_pad, m_pad), (p_pack, m_pack) = out["padded"], out["packed"]
-    for key in m_pad:
-        np.testing.assert_allclose(m_pack[key], m_pad[key], **TOL, err_msg=key)
-    for a, b in zip(jax.tree.leaves(p_pack), jax.tree.leaves(p_pad), strict=True):
-        np.testing.assert_allclose(a, b, **TOL)
+    p_pad, m_pad = out.pop("padded")
+    for name, (p_pack, m_pack) in out.items():
+        for key in m_pad:
+            np.testing.assert_allclose(m_pack[key], m_pad[key], **TOL, err_msg=f"{name}: {key}")
+        for x, y in zip(jax.tree.leaves(p_pack), jax.tree.leaves(p_pad), strict=True):
+            np.testing.assert_allclose(x, y, **TOL, err_msg=name)
+
+
+@pytest.mark.slow
+def test_packing_trains_through_the_loop_and_is_validated(tmp_path, capsys):
+    """``data.packing=True``: a DPO run of the built-in task trains on packed batches (finite
+    loss, the padding report printed); combinations that cannot pack are refused by name."""
+    config = make_config(dpo)
+    config.mesh.fsdp = -1  # every device: packed rows rounded to the batch's device split
+    config.data.packing = True
+    config.data.pad_to_max_len = False
+    config.data.num_train, config.data.num_eval = 64, 16
+    config.train.num_steps, config.train.eval_every, config.train.log_every = 2, 0, 1
+    config.eval.generate = False
+    config.checkpoint.enabled = False
+    config.logging.tensorboard = config.logging.plot = config.logging.progress = False
+    if "sft_warmup" in config:
+        config.sft_warmup.num_steps = 0
+    result = dpo.run(config, str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "data padding:" in out and "data.packing=True" in out
+    assert result is not None
+    metrics = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses and all(np.isfinite(losses))
+    for algo, changes, message in (
+        (dpo, {"loss": "kto"}, "not packed"),
+        (sft, {}, "grad_accum_steps"),
+    ):
+        bad = make_config(algo, **changes)
+        bad.data.packing = True
+        if algo is sft:
+            bad.optimizer.grad_accum_steps = 2
+        with pytest.raises(ConfigError, match=f"config.data.packing=True: .*{message}"):
+            train_config.validate(bad, 1, algo)

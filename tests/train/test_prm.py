@@ -6,18 +6,21 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from experiments.configs import common as config_common
+from experiments.configs import grpo as grpo_config
 from experiments.configs import reward_model as reward_model_config
 from prefjax import data, losses, models
 from prefjax import rollout as rollout_lib
 from prefjax import sharding as shd
 from prefjax.rollout import prm, rewards
-from prefjax.train import evaluation, reward
+from prefjax.train import checkpointing, evaluation, online, reward
 from prefjax.train import setup as train_setup
+from prefjax.train.state import TrainState
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 TOK = models.ByteTokenizer()
@@ -89,6 +92,32 @@ def test_prm_loss_and_metrics_match_numpy(model, batch):
     # The per-example loss is the library's, which the docstring example derives by hand.
     per_example = losses.process_reward_loss(z, y, mask)
     np.testing.assert_allclose(np.asarray(per_example), (bce * mask).sum(1), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_prm_accumulation_is_exact_with_unequal_step_counts(model, batch):
+    def one_step(accum):
+        config = make_config()
+        config.optimizer.grad_accum_steps = accum
+        s = train_setup.build_setup(
+            config, model, shd.single_device_mesh(), jax.random.key(1), reward
+        )
+        state = TrainState.create(params=jax.tree.map(jnp.copy, model.params), tx=s.state.tx)
+        state, metrics = s.train_step(state, batch, None, jax.random.key(2))
+        return jax.device_get(state.params), jax.device_get(metrics)
+
+    p1, m1 = one_step(1)
+    p2, m2 = one_step(2)
+    for name in ("loss", "steps/accuracy", "steps/auc", "steps/outcome_accuracy"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=1e-6, err_msg=name)
+    diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1), strict=True)
+    )
+    assert diff < 1e-6
+    # The two halves hold different numbers of steps: a mean of per-half means would differ.
+    steps = (batch["step_mask"] * batch["example_mask"][:, None]).reshape(2, -1).sum(1)
+    assert steps[0] != steps[1]
 
 
 def test_binned_auc_equals_the_rank_auc_when_bins_separate_scores():
@@ -266,16 +295,44 @@ def test_prm_scored_best_of_n_beats_the_average_sample(trained, aggregation):
 def test_prm_preset_runs_end_to_end(tmp_path):
     config = reward_model_config.get_config("prm")
     assert (config.algorithm.loss, config.data.task) == ("prm", "arithmetic")
-    config.train.update(num_steps=4, log_every=2, eval_every=2)
+    config.train.update(num_steps=2, log_every=2, eval_every=2)
     config.data.update(num_train=128, num_eval=32, batch_size=16, eval_batch_size=32)
     config.optimizer.warmup_steps = 1
-    config.checkpoint.every = 2
+    config.checkpoint.every = 0  # only the final checkpoint
     config.logging.update(progress=False, tensorboard=False, plot=False)
     workdir = tmp_path / "run"
     reward.run(config, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
         evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["step"] for r in evals] == [0, 2]
     for name in ("steps/accuracy", "steps/auc", "steps/outcome_accuracy", "steps/positive_rate"):
         assert 0.0 <= evals[-1][f"eval/{name}"] <= 1.0, name
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    # The run is a reward source of the online algorithms: reward.source="prm".
+    config = grpo_config.get_config("tiny")
+    config.data.task = "arithmetic"
+    config.algorithm.reward.update(source="prm", model_dir=str(workdir), prm_aggregation="product")
+    online.validate_rollout_fields(config)
+    source = online.reward_source(config, TOK)
+    assert isinstance(source, rewards.ProcessRewardModel) and source.separator_id == SEP
+    params = checkpointing.restore_params(str(workdir))
+    prompt = np.array([[TOK.pad_id, TOK.bos_id, *b"3+1x2="]] * 2, np.int32)
+    tokens = np.array([[*b"4\n5\n", TOK.eos_id], [*b"4\n7\n", TOK.eos_id]], np.int32)
+    r = rollout_lib.Rollout(
+        prompt,
+        (prompt != TOK.pad_id).astype(np.int32),
+        tokens,
+        np.ones_like(tokens),
+        np.zeros(tokens.shape, np.float32),
+        np.zeros(2, np.int32),
+        np.full(2, 5, np.int32),
+        np.arange(2, dtype=np.int32),
+    )
+    ids, attn, resp = rollout_lib.sequences(r)
+    expected = prm.prm_rewards(
+        source.model, params, ids, attn, resp, separator_id=SEP, aggregation="product"
+    )
+    np.testing.assert_allclose(np.asarray(source(r)), np.asarray(expected), rtol=1e-6)
+    config.algorithm.reward.prm_aggregation = "mean"
+    with pytest.raises(ValueError, match="config.algorithm.reward.prm_aggregation='mean'"):
+        online.validate_rollout_fields(config)
