@@ -103,7 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Adaptive control: target KL (nats per response) and horizon (responses).
     algo.kl_target = 1.0
     algo.kl_horizon = 1000.0
-    # Budget control: KL (nats per response) above which the run stops or beta is multiplied.
+    # Budget control: KL (nats per response) above which updates stop ("stop": the rollout's
+    # update is dropped, the policy stays) or beta is multiplied by kl_budget_factor ("raise").
     algo.kl_budget = 5.0
     algo.kl_budget_action = "raise"
     algo.kl_budget_factor = 2.0
@@ -600,6 +601,10 @@ def make_ppo_update(
         new_state = new_state.replace(
             kl_coef=_next_kl_coef(hp, state.kl_coef, kl_mean, jnp.sum(rows))
         )
+        if hp.kl_control == "budget" and hp.kl_budget_action == "stop":
+            # Over the budget the update is dropped: the policy and critic stay as they are.
+            over = kl_mean > hp.kl_budget
+            new_state = optim.select_tree(over, state.replace(step=new_state.step), new_state)
         metrics = _update_metrics(per_step)
         metrics.update(_rollout_metrics(state, rollout, targets, mask, rows, old_values, old_ent))
         metrics["rollout/kl"] = kl_mean
