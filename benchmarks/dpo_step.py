@@ -56,6 +56,8 @@ flags.DEFINE_integer("steps", 10, "Timed steps (after 2 compiling steps).")
 flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s for MFU (0 = by device kind / measured).")
 flags.DEFINE_bool("torch", False, "Also time the same step in plain PyTorch (transformers Llama).")
 flags.DEFINE_bool("torch_only", False, "Internal: time only the PyTorch step, print its JSON.")
+flags.DEFINE_bool("torch_worker", False, "Internal: run PyTorch steps on request (stdin).")
+flags.DEFINE_bool("scan_unroll", False, "Unroll the layer scan (TransformerConfig.scan_unroll).")
 flags.DEFINE_string("json_out", "", "Write the results as JSON here (default: $OUT/dpo_step.json).")
 flags.DEFINE_string(
     "lengths",
@@ -152,22 +154,20 @@ def shape_overrides() -> dict:
     return out
 
 
-def time_prefjax() -> dict:
+def prefjax_parts() -> tuple:
+    """``(model, config, mesh)`` of the flags: the preset with its overrides, a DPO run config."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from experiments.configs import common as config_common
     from prefjax import models
     from prefjax import sharding as shd
-    from prefjax.train import dpo
-    from prefjax.train import setup as train_setup
 
     overrides = {"dtype": jnp.dtype(FLAGS.dtype), "param_dtype": jnp.float32, "remat": FLAGS.remat}
     overrides["attention_impl"] = FLAGS.attention or None
+    overrides["scan_unroll"] = FLAGS.scan_unroll
     overrides.update(shape_overrides())
     model = models.from_preset(FLAGS.preset, key=jax.random.key(0), **overrides)
-    cfg = model.config
     config = config_common.base_config("dpo")
     config.data.batch_size = FLAGS.batch_pairs
     config.algorithm.reference = FLAGS.reference
@@ -177,7 +177,21 @@ def time_prefjax() -> dict:
     config.optimizer.clip_norm = 1.0
     config.train.num_steps = 1000
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
-    mesh = shd.make_mesh(config.mesh)
+    return model, config, shd.make_mesh(config.mesh)
+
+
+def build_prefjax(parts: tuple | None = None) -> tuple:
+    """``(run_step, info)`` on the fixed-shape batch: one call of ``run_step()`` runs one jitted
+    DPO step to completion; ``info["hlo_text"]()`` is the compiled step's HLO."""
+    import jax
+    import numpy as np
+
+    from prefjax import models
+    from prefjax.train import dpo
+    from prefjax.train import setup as train_setup
+
+    model, config, mesh = prefjax_parts() if parts is None else parts
+    cfg = model.config
     batch = make_batch(np, cfg.vocab_size)
     if FLAGS.reference == "precomputed":
         batch.update(
@@ -185,29 +199,55 @@ def time_prefjax() -> dict:
                 model, model.params, [batch], mesh=mesh, chunk_size=FLAGS.chunked_logps
             )
         )
-    if FLAGS.lengths:
-        return time_prefjax_lengths(jax, jnp, np, model, config, mesh, dpo, train_setup, models)
     setup = train_setup.build_setup(config, model, mesh, jax.random.key(1), dpo)
     n_params = models.param_count(model.params)
     # All but the input embedding (a tied embedding still does the output matmul).
     n_matmul = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
     del model
     sharded = setup.shard_batch(batch)
-    state = setup.state
-    t0 = time.perf_counter()
-    for _ in range(2):  # compile + one warm step
-        state, metrics = setup.train_step(state, sharded, setup.frozen, jax.random.key(0))
-        metrics["loss"].block_until_ready()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.steps):
-        t = time.perf_counter()
-        state, metrics = setup.train_step(state, sharded, setup.frozen, jax.random.key(0))
-        metrics["loss"].block_until_ready()
-        times.append(time.perf_counter() - t)
+    holder = {"state": setup.state}
+
+    def run_step():
+        holder["state"], metrics = setup.train_step(
+            holder["state"], sharded, setup.frozen, jax.random.key(0)
+        )
+        holder["loss"] = metrics["loss"].block_until_ready()
+
+    def hlo_text():
+        args = (holder["state"], sharded, setup.frozen, jax.random.key(0))
+        return setup.train_step.lower(*args).compile().as_text()
+
+    info = {"n_params": n_params, "n_matmul": n_matmul, "holder": holder, "hlo_text": hlo_text}
+    return run_step, info
+
+
+def time_prefjax() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from prefjax import models
+    from prefjax.train import dpo
+    from prefjax.train import setup as train_setup
+
+    parts = prefjax_parts()
+    if FLAGS.lengths:
+        model, config, mesh = parts
+        return time_prefjax_lengths(jax, jnp, np, model, config, mesh, dpo, train_setup, models)
+    run_step, info = build_prefjax(parts)
+    compile_s = warm_up(run_step)
+    return prefjax_result([timed(run_step) for _ in range(FLAGS.steps)], compile_s, info)
+
+
+def prefjax_result(times: list[float], compile_s: float, info: dict) -> dict:
+    """The JSON record of the prefjax step from its timed steps."""
+    import jax
+    import jax.numpy as jnp
+
     step_s = statistics.median(times)
     tokens = 2 * FLAGS.batch_pairs * FLAGS.seq_len
     k = 8 if FLAGS.reference == "copy" else 6
+    n_matmul = info["n_matmul"]
     peak, peak_kind = device_peak(jax, jnp)
     mem, mem_kind = peak_memory_gb(jax)
     return {
@@ -215,7 +255,7 @@ def time_prefjax() -> dict:
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
-        "n_params": n_params,
+        "n_params": info["n_params"],
         "n_matmul_params": n_matmul,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
@@ -227,9 +267,20 @@ def time_prefjax() -> dict:
         "peak_mem_gb": mem,
         "mem_kind": mem_kind,
         "compile_and_first_step_s": compile_s,
-        "loss": float(metrics["loss"]),
+        "loss": float(info["holder"]["loss"]),
         "times": times,
     }
+
+
+def timed(run_step) -> float:
+    t = time.perf_counter()
+    run_step()
+    return time.perf_counter() - t
+
+
+def warm_up(run_step) -> float:
+    """Seconds of two untimed steps (compilation + one warm step)."""
+    return timed(run_step) + timed(run_step)
 
 
 def time_prefjax_lengths(jax, jnp, np, model, config, mesh, dpo, train_setup, models) -> dict:
@@ -356,19 +407,24 @@ def time_torch_lengths(torch, F, policy, ref, opt, device, sync) -> dict:
     }
 
 
-def time_torch(n_threads: int) -> dict:
-    """The same DPO step in plain PyTorch (the peers' torch_dpo.py logic at this shape)."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_model(cfg):
+    """A randomly initialised ``transformers`` model of ``cfg``'s architecture: GPT-2 for the
+    gpt2 preset (LayerNorm, GELU, learned positions, biases, tied), else Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from prefjax import models
-
-    cfg = models.preset(FLAGS.preset, **shape_overrides())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(n_threads)
-    dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+    if cfg.model_type == "gpt2":
+        gcfg = GPT2Config(
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.mlp_dim,
+            n_positions=cfg.max_positions,
+            vocab_size=cfg.vocab_size,
+            activation_function="gelu_new",
+            tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa",
+        )
+        return GPT2LMHeadModel(gcfg)
     lcfg = LlamaConfig(
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -381,18 +437,40 @@ def time_torch(n_threads: int) -> dict:
         head_dim=cfg.resolved_head_dim,
     )
     lcfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(lcfg)
+
+
+def torch_parts(n_threads: int) -> tuple:
+    """``(torch, F, cfg, policy, ref, opt, device, sync, n_matmul)``: the PyTorch policy and
+    frozen reference (same weights) of :func:`hf_model`, AdamW, the device's sync."""
+    import torch
+    import torch.nn.functional as F
+
+    from prefjax import models
+
+    cfg = models.preset(FLAGS.preset, **shape_overrides())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(n_threads)
+    dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(lcfg).to(device, dtype)
-    ref = LlamaForCausalLM(lcfg).to(device, dtype).eval()
+    policy = hf_model(cfg).to(device, dtype)
+    ref = hf_model(cfg).to(device, dtype).eval()
     ref.load_state_dict(policy.state_dict())
     for p in ref.parameters():
         p.requires_grad_(False)
     n_params = sum(p.numel() for p in policy.parameters())
-    n_matmul = n_params - policy.model.embed_tokens.weight.numel()
+    n_matmul = n_params - policy.get_input_embeddings().weight.numel()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device == "cuda")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if FLAGS.lengths:
-        return time_torch_lengths(torch, F, policy, ref, opt, device, sync)
+    return torch, F, cfg, policy, ref, opt, device, sync, n_matmul
+
+
+def build_torch(n_threads: int) -> tuple:
+    """``(run_step, info)`` of the same DPO step in plain PyTorch (the peers' torch_dpo.py logic
+    at this shape, on the same architecture: :func:`hf_model`); ``run_step()`` returns when the
+    step is done."""
+    torch, F, cfg, policy, ref, opt, device, sync, n_matmul = torch_parts(n_threads)
     b, t, p = FLAGS.batch_pairs, FLAGS.seq_len, FLAGS.prompt_len
     ids = torch.randint(3, cfg.vocab_size, (2 * b, t), device=device)
     mask = torch.zeros(2 * b, t - 1, device=device)
@@ -415,25 +493,109 @@ def time_torch(n_threads: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(2):
-        step()
-    sync()
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
+    def run_step():
         step()
         sync()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens = 2 * b * t
-    return {
+
+    info = {
         "system": f"pytorch-eager-{device}",
         "torch": torch.__version__,
         "n_matmul_params": n_matmul,
-        "step_s": step_s,
-        "tokens_per_s": tokens / step_s,
-        "times": times,
     }
+    return run_step, info
+
+
+def time_torch(n_threads: int) -> dict:
+    """The PyTorch step timed on its own (``--lengths``: over the padded batches)."""
+    if FLAGS.lengths:
+        torch, F, _, policy, ref, opt, device, sync, _ = torch_parts(n_threads)
+        return time_torch_lengths(torch, F, policy, ref, opt, device, sync)
+    run_step, info = build_torch(n_threads)
+    warm_up(run_step)
+    return torch_result([timed(run_step) for _ in range(FLAGS.steps)], info)
+
+
+def torch_worker() -> None:
+    """Runs PyTorch steps on request (``--torch_worker``): prints ``READY`` once built and warm,
+    then for each ``step`` line on stdin runs one step and prints its seconds; ``info`` prints
+    the step's description as JSON."""
+    run_step, info = build_torch(os.cpu_count() or 1)
+    warm_up(run_step)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(f"{timed(run_step)!r}", flush=True)
+        elif line.strip() == "info":
+            print(json.dumps(info), flush=True)
+
+
+class TorchPeer:
+    """A ``--torch_worker`` subprocess (its own runtime and thread pools), stepped on request so
+    that its steps interleave with prefjax's under the same machine load."""
+
+    def __init__(self):
+        argv = [a for a in sys.argv[1:] if not a.startswith(("--torch", "--json_out"))]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.dpo_step", "--torch_worker", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._expect("READY")
+
+    def _expect(self, word: str) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(word):
+                return
+        raise RuntimeError(f"the PyTorch worker exited before printing {word}")
+
+    def _ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline()
+
+    def step(self) -> float:
+        return float(self._ask("step"))
+
+    def info(self) -> dict:
+        return json.loads(self._ask("info"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def torch_result(times: list[float], info: dict) -> dict:
+    step_s = statistics.median(times)
+    tokens = 2 * FLAGS.batch_pairs * FLAGS.seq_len
+    return {**info, "step_s": step_s, "tokens_per_s": tokens / step_s, "times": times}
+
+
+def time_interleaved() -> tuple[dict, dict | None]:
+    """The fixed-shape step, and with ``--torch`` the PyTorch step interleaved with it (one
+    prefjax step, then one PyTorch step in the worker process, ``--steps`` times), so that both
+    see the same machine load: ``(prefjax result, torch result or None)``."""
+    run_step, info = build_prefjax()
+    compile_s = warm_up(run_step)
+    peer = None
+    if FLAGS.torch:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            pass  # reported by main
+        else:
+            peer = TorchPeer()
+    times, torch_times = [], []
+    for _ in range(FLAGS.steps):
+        times.append(timed(run_step))
+        if peer is not None:
+            torch_times.append(peer.step())
+    torch_res = None
+    if peer is not None:
+        torch_res = torch_result(torch_times, peer.info())
+        peer.close()
+    return prefjax_result(times, compile_s, info), torch_res
 
 
 def main(argv):
@@ -442,6 +604,9 @@ def main(argv):
         raise app.UsageError("--prompt_len must be smaller than --seq_len")
     if FLAGS.torch_only:
         print("TORCH_RESULT " + json.dumps(time_torch(os.cpu_count() or 1)))
+        return
+    if FLAGS.torch_worker:
+        torch_worker()
         return
     results = {
         "args": {
@@ -459,13 +624,18 @@ def main(argv):
                 "remat",
                 "steps",
                 "tie",
+                "scan_unroll",
                 "lengths",
                 "packing",
                 "num_batches",
             )
         }
     }
-    results["prefjax"] = time_prefjax()
+    torch_interleaved = None
+    if FLAGS.lengths:
+        results["prefjax"] = time_prefjax()
+    else:
+        results["prefjax"], torch_interleaved = time_interleaved()
     r = results["prefjax"]
     if FLAGS.lengths:
         for name in ("padded", "packed"):
@@ -495,16 +665,18 @@ def main(argv):
         except ImportError as err:
             print(f"--torch: {err}; skipping the PyTorch comparison")
         else:
-            # A separate process, so that neither runtime's thread pools slow the other.
-            argv = [a for a in sys.argv[1:] if not a.startswith(("--torch", "--json_out"))]
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.dpo_step", "--torch_only", *argv],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("TORCH_RESULT ")][-1]
-            results["torch"] = t = json.loads(line.split(" ", 1)[1])
+            if torch_interleaved is None:
+                # A separate process, so that neither runtime's thread pools slow the other.
+                argv = [a for a in sys.argv[1:] if not a.startswith(("--torch", "--json_out"))]
+                proc = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.dpo_step", "--torch_only", *argv],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                line = [x for x in proc.stdout.splitlines() if x.startswith("TORCH_RESULT ")][-1]
+                torch_interleaved = json.loads(line.split(" ", 1)[1])
+            results["torch"] = t = torch_interleaved
             ratio = r["tokens_per_s"] / t["tokens_per_s"]
             results["ratio_prefjax_over_torch"] = ratio
             if FLAGS.lengths:

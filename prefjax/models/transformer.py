@@ -12,7 +12,8 @@ One :class:`Transformer` covers the Llama, Mistral, Qwen2 and GPT-2 families (se
   whatever the depth.
 * LoRA adapters live in a separate variable collection ``"lora"`` (``a``/``b`` under the adapted
   projection), scanned like the parameters; the module uses them when they are present.
-* Attention goes through ``jax.nn.dot_product_attention``. Padding may be on either side: a
+* Attention over the sequence goes through :func:`prefjax.models.attention.causal_attention`
+  (blocked on a CPU, ``jax.nn.dot_product_attention`` elsewhere). Padding may be on either side: a
   boolean mask combines causality, key padding and the optional sliding window, and positions are
   given explicitly (``cumsum(attention_mask) - 1`` by default), so left-padded prompts get the
   same rotary phases as unpadded ones.
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.models import attention
 from prefjax.models.config import TransformerConfig
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -478,16 +480,9 @@ class Attention(nn.Module):
         # A padding query has no valid key on its left; let it see itself so its (ignored) output
         # stays finite instead of averaging garbage.
         mask |= jnp.eye(seq, dtype=bool)[None]
-        # cuDNN takes the mask as a [B, 1, T, S] bias; is_causal additionally lets it skip the
-        # blocks above the diagonal. XLA applies the mask directly.
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask[:, None],
-            is_causal=cfg.attention_impl == "cudnn",
-            implementation=cfg.attention_impl,
-        )
+        # Blocked on a CPU (the blocks above the diagonal skipped), jax.nn.dot_product_attention
+        # elsewhere (cuDNN takes the mask as a bias and is_causal skips the upper blocks).
+        return attention.causal_attention(q, k, v, mask, cfg.attention_impl)
 
     def _attend_cached(self, q, k, v, positions, layer_cache, window, cache_meta):
         """Write ``k, v`` at slot ``length`` of this layer's cache, then attend over the blocks

@@ -33,8 +33,9 @@ value head (``"separate"``), trained with the policy or frozen (``algorithm.trai
 export and LoRA work unchanged), the critic with its own optimiser state, and :math:`\beta`; the
 frozen tree is the reference policy (the LoRA base under LoRA).
 
-Metrics (see docs/online.md): ``rollout/*`` (score, gold reward, KL to the reference, entropy,
-response length, EOS fraction, sampler/trainer log-prob gap), ``advantages/*``, ``returns/*``,
+Metrics (see docs/online.md): ``rollout/*`` (score -- the gold reward with the gold source --,
+KL to the reference, entropy, response length, sampler/trainer log-prob gap; the EOS, stop and
+length-limit fractions come from :mod:`prefjax.train.online`), ``advantages/*``, ``returns/*``,
 ``values/*`` (explained variance), ``ppo/*`` (policy/value loss, clip fractions, approx-KL,
 entropy, and the same for the first minibatch alone), ``kl/*`` (coefficient, budget), norms.
 """
@@ -103,7 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Adaptive control: target KL (nats per response) and horizon (responses).
     algo.kl_target = 1.0
     algo.kl_horizon = 1000.0
-    # Budget control: KL (nats per response) above which the run stops or beta is multiplied.
+    # Budget control: KL (nats per response) above which updates stop ("stop": the rollout's
+    # update is dropped, the policy stays) or beta is multiplied by kl_budget_factor ("raise").
     algo.kl_budget = 5.0
     algo.kl_budget_action = "raise"
     algo.kl_budget_factor = 2.0
@@ -600,6 +602,10 @@ def make_ppo_update(
         new_state = new_state.replace(
             kl_coef=_next_kl_coef(hp, state.kl_coef, kl_mean, jnp.sum(rows))
         )
+        if hp.kl_control == "budget" and hp.kl_budget_action == "stop":
+            # Over the budget the update is dropped: the policy and critic stay as they are.
+            over = kl_mean > hp.kl_budget
+            new_state = optim.select_tree(over, state.replace(step=new_state.step), new_state)
         metrics = _update_metrics(per_step)
         metrics.update(_rollout_metrics(state, rollout, targets, mask, rows, old_values, old_ent))
         metrics["rollout/kl"] = kl_mean

@@ -1,15 +1,19 @@
 """The PPO launcher: its ``:tiny`` preset end to end (SFT warm-up, then PPO on the gold reward),
-the SFT -> reward model -> PPO pipeline, presets and validation that names the field."""
+the SFT -> reward model -> PPO pipeline, stop/resume equal to an uninterrupted run, presets and
+validation that names the field."""
 
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import launch as launch_module
 from experiments import pipelines
 from experiments.configs import common
 from experiments.configs import ppo as ppo_config
+from prefjax.train import loop, ppo
 from tests.experiments.test_launchers import _compilation_cache, launch  # noqa: F401
 
 SMALL = [
@@ -122,3 +126,35 @@ def test_unknown_pipeline_is_refused(tmp_path):
     with pytest.raises(launch_module.LaunchError, match=r"config\.pipeline\.name='rlhf'") as e:
         launch("experiments.ppo", argv)
     assert e.value.code == launch_module.EXIT_REFUSED
+
+
+def _resume_config():
+    config = ppo_config.get_config("tiny")
+    config.sft_warmup.num_steps = 0
+    config.data.num_train = 64
+    config.logging.progress = False
+    config.logging.plot = False
+    # Adaptive beta: the controller's state must travel with the checkpoint too.
+    config.algorithm.kl_control = "adaptive"
+    config.algorithm.kl_target = 0.01
+    config.algorithm.kl_horizon = 20.0
+    return config
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    """Policy, critic, beta and the rollouts (keyed by the step) after 4 iterations stopped
+    after 2 and resumed equal an uninterrupted run's."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+    whole = loop.run(_resume_config(), str(tmp_path / "whole"), ppo)
+    workdir = str(tmp_path / "split")
+    first = loop.run(_resume_config(), workdir, ppo, stop_after_steps=2)
+    assert first.status == "preempted" and first.step == 2
+    second = loop.run(_resume_config(), workdir, ppo)
+    assert second.status == "finished" and second.step == 4
+    a, b = jax.device_get((whole.state, second.state))
+    assert float(a.kl_coef) != ppo_config.get_config("tiny").algorithm.kl_coef  # beta moved
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    steps = lambda w: [r["step"] for r in _records(w) if r["split"] == "train"]
+    assert steps(workdir) == steps(str(tmp_path / "whole")) == [2, 4]

@@ -110,3 +110,8 @@ def test_extra_left_padding_gives_the_same_tokens(blocked):
         np.testing.assert_array_equal(stopped.tokens[r, :n], tokens[r, :n])
         np.testing.assert_array_equal(stopped.tokens[r, n:], 0)
         assert int(stopped.lengths[r]) == n
+
+
+def test_cache_block_size_must_be_positive():
+    with pytest.raises(ValueError, match="cache_block_size=0"):
+        pm.preset("tiny", cache_block_size=0)

@@ -138,6 +138,7 @@ def test_packed_objective_equals_padded(name, tiny_models):
     assert float(jnp.abs(jnp.concatenate([x.ravel() for x in jax.tree.leaves(want[2])])).max()) > 0
 
 
+@pytest.mark.slow
 def test_cross_segment_attention_would_be_caught(tiny_models):
     """The same packed rows with every segment id set to 1 (one long sequence, attention and
     positions crossing boundaries) give log-probs far from the padded ones."""

@@ -386,6 +386,9 @@ def _variant_update(model, rollout, variant):
     lora = variant == "lora"
     critic = None
     hp = ppo.PPOHparams(num_epochs=1, num_minibatches=2, vf_coef=0.5)
+    if variant == "budget_stop":  # the reference is 1.1 x the policy: KL > 1e-6 per response
+        hp = ppo.PPOHparams(**{**hp.__dict__, "kl_control": "budget", "kl_budget": 1e-6})
+        hp = ppo.PPOHparams(**{**hp.__dict__, "kl_budget_action": "stop"})
     if variant.startswith("separate"):
         train_critic = variant == "separate"
         hp = ppo.PPOHparams(**{**hp.__dict__, "critic": "separate", "train_critic": train_critic})
@@ -404,9 +407,15 @@ def _variant_update(model, rollout, variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["separate", "separate_frozen", "lora"])
-def test_critic_and_lora_variants(model, rollout, variant):
+@pytest.mark.parametrize("variant", ["separate", "separate_frozen", "lora", "budget_stop"])
+def test_critic_lora_and_budget_variants(model, rollout, variant):
     before, after, metrics = _variant_update(model, rollout, variant)
+    if variant == "budget_stop":  # over the KL budget: the update is dropped
+        assert metrics["kl/over_budget"] == 1.0
+        assert _max_diff(after.params, before.params) == 0.0
+        assert _max_diff(after.value_params, before.value_params) == 0.0
+        assert int(after.step) == 2  # the two minibatch steps still count
+        return
     assert metrics["ppo/first/ratio_max_dev"] < 1e-6
     assert np.isfinite(metrics["ppo/value_loss"]) and metrics["train/skipped"] == 0.0
     assert _max_diff(after.params, before.params) > 1e-4  # the policy (or its adapters) moved
