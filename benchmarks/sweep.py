@@ -14,8 +14,9 @@ ratio compares figures taken under the same machine load:
   batch every step): the jitted steps alone.
 * ``--launcher``: whole runs, as a user starts them: K ``python -m experiments.dpo
   --config.algorithm.beta=<b>`` processes one after another against one ``python -m
-  experiments.sweep`` process of the same K betas (same steps, evaluation at the start and end,
-  no SFT warm-up, a cold compilation cache for each), wall time of each.
+  experiments.sweep`` process of the same K betas, run between the two halves of them (same
+  steps, evaluation at the end, no SFT warm-up, a cold compilation cache for each), wall time
+  of each.
 * ``--matmul``: the building block, one dense layer of the step's shape for K members three
   ways in one jitted function: batched over members (``einsum('kmd,kdf->kmf')``, what ``vmap``
   makes of it), a loop of K plain matmuls (``lax.map``), and the K members' rows folded into one
@@ -189,24 +190,20 @@ def time_launchers(k: int) -> dict:
         "--config.checkpoint.every=0",
         "--config.logging.progress=False",
     ]
+    sweep_args = [*common, f"--config.sweep.beta=({','.join(map(str, betas))},)"]
     with tempfile.TemporaryDirectory() as tmp:
-        separate = sum(
-            _launch(
-                "experiments.dpo",
-                [*common, f"--config.algorithm.beta={b}", f"--workdir={tmp}/dpo_{i}"],
-                f"{tmp}/cache_dpo_{i}",
-            )
-            for i, b in enumerate(betas)
+        dpo_run = lambda i: _launch(
+            "experiments.dpo",
+            [*common, f"--config.algorithm.beta={betas[i]}", f"--workdir={tmp}/dpo_{i}"],
+            f"{tmp}/cache_dpo_{i}",
         )
+        # The sweep runs between the two halves of the separate runs, so a drift in the
+        # machine's load weighs on both sides alike.
+        separate = sum(dpo_run(i) for i in range(k // 2))
         swept = _launch(
-            "experiments.sweep",
-            [
-                *common,
-                f"--config.sweep.beta=({','.join(map(str, betas))},)",
-                f"--workdir={tmp}/sweep",
-            ],
-            f"{tmp}/cache_sweep",
+            "experiments.sweep", [*sweep_args, f"--workdir={tmp}/sweep"], f"{tmp}/cache_sweep"
         )
+        separate += sum(dpo_run(i) for i in range(k // 2, k))
     return {
         "members": k,
         "separate_runs_s": separate,

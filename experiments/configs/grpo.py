@@ -83,4 +83,7 @@ def get_config(arg=None):
         config.train.num_steps = 150
         config.train.eval_every = 50
         config.eval.max_new_tokens = 1
+        # One prompt: the held-out rollouts are fresh samples of it, one batch the train shape.
+        config.data.num_eval = 16
+        config.data.eval_batch_size = 16
     return config

@@ -10,6 +10,8 @@ One file per algorithm, each filling the same protocol:
                             bnpo reductions; KL in the loss or the reward; GSPO ratio)
   prefjax.train.online_dpo  online DPO: pairs (or rankings) of the policy's own samples ranked
                             by a reward source, DPO's loss and step
+  prefjax.train.ppo         PPO with GAE: KL-shaped rewards, a value head or separate critic,
+                            epochs x minibatches of clipped updates in one jitted function
 
 and the pieces they share:
 

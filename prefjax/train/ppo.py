@@ -33,8 +33,9 @@ value head (``"separate"``), trained with the policy or frozen (``algorithm.trai
 export and LoRA work unchanged), the critic with its own optimiser state, and :math:`\beta`; the
 frozen tree is the reference policy (the LoRA base under LoRA).
 
-Metrics (see docs/online.md): ``rollout/*`` (score, gold reward, KL to the reference, entropy,
-response length, EOS fraction, sampler/trainer log-prob gap), ``advantages/*``, ``returns/*``,
+Metrics (see docs/online.md): ``rollout/*`` (score -- the gold reward with the gold source --,
+KL to the reference, entropy, response length, sampler/trainer log-prob gap; the EOS, stop and
+length-limit fractions come from :mod:`prefjax.train.online`), ``advantages/*``, ``returns/*``,
 ``values/*`` (explained variance), ``ppo/*`` (policy/value loss, clip fractions, approx-KL,
 entropy, and the same for the first minibatch alone), ``kl/*`` (coefficient, budget), norms.
 """

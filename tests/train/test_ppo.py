@@ -190,6 +190,7 @@ def _reference_loss(model, params, frozen, batch, hp):
     return loss
 
 
+@pytest.mark.slow
 def test_one_minibatch_update_is_sgd_on_the_ppo_loss_and_first_ratio_is_one(model, rollout):
     # Sampled at temperature 0.7 and top-p 0.9: the trainer replays that transform.
     hp = ppo.PPOHparams(
