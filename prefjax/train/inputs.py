@@ -160,6 +160,7 @@ def build_data(config, tokenizer, kind: str, *, generate: bool = True) -> Data:
             d.batch_size,
             seed=d.seed,
             buckets=buckets,
+            drop_remainder=False,  # a report, not a batch plan: a set smaller than a batch too
             row_multiple=row_multiple,
             process_index=0,
             process_count=jax.process_count(),
