@@ -67,22 +67,23 @@ def get_config(arg=None):
     pipe.reward_model_learning_rate = 1e-3
 
     if preset == "tiny":
-        config.sft_warmup.num_steps = 20
-        config.train.num_steps = 4
-        config.train.log_every = 2
+        config.sft_warmup.num_steps = 4
+        config.train.num_steps = 2
+        config.train.log_every = 1
         config.train.eval_every = 0
-        config.checkpoint.every = 2
+        config.checkpoint.every = 1
         config.data.batch_size = 8
-        algo.max_new_tokens = 6
+        algo.max_new_tokens = 4
         algo.num_minibatches = 2
         algo.num_epochs = 2
         config.eval.num_prompts = 8
-        config.eval.num_samples = 16
-        config.eval.max_new_tokens = 6
-        config.data.num_eval = 16
-        config.data.eval_batch_size = 16
+        config.eval.num_samples = 8
+        config.eval.max_new_tokens = 4
+        config.data.num_eval = 8
+        config.data.eval_batch_size = 8
         config.logging.tensorboard = False
-        pipe.reward_model_steps = 20
+        config.logging.plot = False
+        pipe.reward_model_steps = 4
     elif preset == "bandit":
         config.data.task = "bandit"
         config.sft_warmup.num_steps = 0

@@ -13,7 +13,7 @@ from experiments import launch as launch_module
 from experiments import pipelines
 from experiments.configs import common
 from experiments.configs import ppo as ppo_config
-from prefjax.train import loop, ppo
+from prefjax.train import ppo
 from tests.experiments.test_launchers import _compilation_cache, launch  # noqa: F401
 
 SMALL = [
@@ -28,50 +28,12 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-def test_tiny_preset_runs_end_to_end(tmp_path):
-    workdir = str(tmp_path / "run")
-    argv = ["--config=experiments/configs/ppo.py:tiny", f"--workdir={workdir}", *SMALL]
-    assert launch("experiments.ppo", argv) is None  # exit status 0
-    recs = _records(workdir)
-    train = [r for r in recs if r["split"] == "train"]
-    evals = [r for r in recs if r["split"] == "eval"]
-    assert [r["step"] for r in train] == [2, 4]
-    assert [r["step"] for r in evals] == [4]
-    last = train[-1]
-    # Every metric practitioners watch is logged.
-    for name in (
-        "rollout/score",
-        "rollout/kl",
-        "rollout/entropy",
-        "rollout/length",
-        "rollout/eos_fraction",
-        "ppo/clipfrac",
-        "ppo/approx_kl",
-        "ppo/value_loss",
-        "values/explained_variance",
-        "advantages/mean",
-        "returns/mean",
-        "kl/coef",
-        "time/rollout",
-        "time/update",
-    ):
-        assert name in last, name
-    # The scoring pass replays the sampler exactly; the first minibatch is on-policy.
-    assert last["rollout/sampler_logprob_gap"] < 1e-4
-    assert last["ppo/first/clipfrac"] == 0.0
-    assert 0.0 <= evals[-1]["eval/gold_reward"] <= 1.0
-    assert "eval/kl/sampled" in evals[-1]
-    assert os.path.isdir(os.path.join(workdir, "sft_warmup"))
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-
-
-@pytest.mark.slow
 def test_sft_reward_model_ppo_pipeline(tmp_path):
     """Three runs side by side; PPO starts from the SFT policy and is scored by the reward
     model (its rollout scores are the model's, not the gold reward)."""
     workdir = str(tmp_path / "rlhf")
     argv = ["--config=experiments/configs/ppo.py:tiny", f"--workdir={workdir}", *SMALL]
-    argv += ["--config.pipeline.name=sft_rm_ppo", "--config.pipeline.reward_model_steps=4"]
+    argv += ["--config.pipeline.name=sft_rm_ppo", "--config.pipeline.reward_model_steps=2"]
     assert launch("experiments.ppo", argv) is None
     assert sorted(os.listdir(workdir)) == ["ppo", "reward_model", "sft"]
     run = json.load(open(os.path.join(workdir, "ppo", "run.json")))
@@ -130,10 +92,8 @@ def test_unknown_pipeline_is_refused(tmp_path):
 
 def _resume_config():
     config = ppo_config.get_config("tiny")
-    config.sft_warmup.num_steps = 0
     config.data.num_train = 64
     config.logging.progress = False
-    config.logging.plot = False
     # Adaptive beta: the controller's state must travel with the checkpoint too.
     config.algorithm.kl_control = "adaptive"
     config.algorithm.kl_target = 0.01
@@ -142,19 +102,53 @@ def _resume_config():
 
 
 @pytest.mark.slow
-def test_stop_and_resume_equals_uninterrupted(tmp_path):
-    """Policy, critic, beta and the rollouts (keyed by the step) after 4 iterations stopped
-    after 2 and resumed equal an uninterrupted run's."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-    whole = loop.run(_resume_config(), str(tmp_path / "whole"), ppo)
+def test_tiny_preset_end_to_end_and_stop_and_resume_equals_uninterrupted(tmp_path):
+    """The ``:tiny`` preset through the launcher (SFT warm-up, then 2 PPO iterations on the gold
+    reward, the final eval); then the same run stopped after 1 iteration and resumed: policy,
+    critic, beta and the rollouts (keyed by the step) equal the uninterrupted run's."""
+    run = pipelines.sft_then(ppo)
+    whole_dir = str(tmp_path / "whole")
+    whole = launch_module.main(_resume_config(), whole_dir, run)
+    recs = _records(whole_dir)
+    train = [r for r in recs if r["split"] == "train"]
+    evals = [r for r in recs if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert [r["step"] for r in evals] == [2]
+    last = train[-1]
+    # Every metric practitioners watch is logged.
+    for name in (
+        "rollout/score",
+        "rollout/kl",
+        "rollout/entropy",
+        "rollout/length",
+        "rollout/eos_fraction",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/value_loss",
+        "values/explained_variance",
+        "advantages/mean",
+        "returns/mean",
+        "kl/coef",
+        "time/rollout",
+        "time/update",
+    ):
+        assert name in last, name
+    # The scoring pass replays the sampler exactly; the first minibatch is on-policy.
+    assert last["rollout/sampler_logprob_gap"] < 1e-4
+    assert last["ppo/first/clipfrac"] == 0.0
+    assert 0.0 <= evals[-1]["eval/gold_reward"] <= 1.0
+    assert "eval/kl/sampled" in evals[-1]
+    assert os.path.isdir(os.path.join(whole_dir, "sft_warmup"))
+    assert sorted(os.listdir(os.path.join(whole_dir, "checkpoints"))) == ["1", "2"]
+
     workdir = str(tmp_path / "split")
-    first = loop.run(_resume_config(), workdir, ppo, stop_after_steps=2)
-    assert first.status == "preempted" and first.step == 2
-    second = loop.run(_resume_config(), workdir, ppo)
-    assert second.status == "finished" and second.step == 4
+    first = run(_resume_config(), workdir, stop_after_steps=1)
+    assert first.status == "preempted" and first.step == 1
+    second = launch_module.main(_resume_config(), workdir, run)
+    assert second.status == "finished" and second.step == 2
     a, b = jax.device_get((whole.state, second.state))
     assert float(a.kl_coef) != ppo_config.get_config("tiny").algorithm.kl_coef  # beta moved
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     steps = lambda w: [r["step"] for r in _records(w) if r["split"] == "train"]
-    assert steps(workdir) == steps(str(tmp_path / "whole")) == [2, 4]
+    assert steps(workdir) == steps(whole_dir) == [1, 2]

@@ -3,8 +3,8 @@
 ``python -m experiments.sweep`` on a small version of its default (a shared SFT warm-up, then
 two betas) writes every member's usual run directory and the combined plot; each member's
 ``metrics.jsonl`` equals that of the single DPO run (``prefjax.train.loop`` through
-``experiments.pipelines``) of its beta, started from the same warm-up; a preempted sweep resumes
-to the same records; a sweep whose members change is refused.
+``experiments.pipelines``) of its beta, started from the same warm-up, also when the sweep was
+preempted and the launcher resumed it; a sweep whose members change is refused.
 """
 
 import json
@@ -22,7 +22,7 @@ from tests.experiments.test_launchers import _compilation_cache, launch  # noqa:
 SMALL = [
     "--config.train.num_steps=4",
     "--config.train.log_every=2",
-    "--config.train.eval_every=2",
+    "--config.train.eval_every=4",
     "--config.optimizer.warmup_steps=1",
     "--config.data.num_train=64",
     "--config.data.num_eval=16",
@@ -74,37 +74,33 @@ def assert_records_close(ours, theirs, tol=1e-5):
 
 
 @pytest.mark.slow
-def test_sweep_launcher_members_equal_single_runs_and_resume(tmp_path):
+def test_sweep_launcher_resumes_to_members_equal_single_runs(tmp_path):
+    # Preempted after 3 steps (the warm-up done, a checkpoint at step 2 and one at the stop),
+    # then resumed by the launcher: the resumed members equal their uninterrupted single runs.
     workdir = str(tmp_path / "sweep")
+    config = small_config()
+    part = sweep.run(config, workdir, init_params=pipelines.sft_warmup(config), stop_after_steps=3)
+    assert part.status == "preempted" and part.step == 3
     assert launch("experiments.sweep", [f"--workdir={workdir}", *SMALL]) is None  # exit 0
     names = sorted(n for n in os.listdir(workdir) if n.startswith("beta="))
     assert names == ["beta=0.1", "beta=1"]
     assert os.path.getsize(os.path.join(workdir, "sweep.png")) > 10_000
     assert "beta=0.1" in open(os.path.join(workdir, "summary.txt")).read()
-    assert os.path.exists(os.path.join(workdir, "sft_warmup", "checkpoints", "2"))
+    assert os.path.isdir(os.path.join(workdir, "sft_warmup"))
     for name in names:
         member = os.path.join(workdir, name)
-        assert sorted(os.listdir(os.path.join(member, "checkpoints"))) == ["2", "4"]
+        assert "4" in os.listdir(os.path.join(member, "checkpoints"))
         assert os.path.getsize(os.path.join(member, "curves.png")) > 10_000
         assert json.load(open(os.path.join(member, "run.json")))["algorithm"] == "dpo"
+        assert [r["step"] for r in records(member) if r["split"] == "train"] == [2, 4]
 
     # The single run of beta=1.0 through the DPO pipeline (its own warm-up, same seed).
-    config = small_config()
     single = sweep.member_config(config, sweep.members(config)[1])
     pipelines.sft_then_dpo(single, str(tmp_path / "single"))
     assert_records_close(records(os.path.join(workdir, "beta=1")), records(tmp_path / "single"))
-
-    # Preempted after 3 steps (the warm-up done, a checkpoint at step 2 and one at the stop),
-    # then resumed: every member's records equal the uninterrupted sweep's.
-    warm = pipelines.sft_warmup(config)
-    part = sweep.run(config, str(tmp_path / "part"), init_params=warm, stop_after_steps=3)
-    assert part.status == "preempted" and part.step == 3
-    rest = sweep.run(config, str(tmp_path / "part"), init_params=warm)
-    assert rest.status == "finished" and rest.step == 4
-    for name in names:
-        assert_records_close(
-            records(os.path.join(rest.workdir, name)), records(os.path.join(workdir, name))
-        )
+    # The other member differs (a sweep of identical members would pass the check above).
+    other = [r["loss"] for r in records(os.path.join(workdir, "beta=0.1")) if "loss" in r]
+    assert other and other != [r["loss"] for r in records(tmp_path / "single") if "loss" in r]
 
     # Other members in the same directory: refused, naming the field (exit status 2).
     with pytest.raises(launch_module.LaunchError) as e:

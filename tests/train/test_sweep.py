@@ -20,9 +20,9 @@ from prefjax.train import dpo, sweep
 from prefjax.train import setup as train_setup
 from prefjax.train.errors import ConfigError
 
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+TINY = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
 TOK = models.ByteTokenizer()
-SEQ, BATCH, STEPS = 16, 8, 3
+SEQ, BATCH, STEPS = 16, 4, 3
 SINGLE = shd.single_device_mesh()
 
 
@@ -83,32 +83,41 @@ def sweep_run(config, model, batches):
 LOOSE = {"length_bias/corr": 1e-3}
 
 
-def assert_members_equal(config, model, batches, compared=(0, -1)):
-    """Members ``compared`` (by index; the first and last differ in every swept axis) each equal
-    their single run; one single run costs one compilation, so not every member is re-run."""
-    built, states, history = sweep_run(config, model, batches)
+def assert_members_equal(config, model, batches, swept=None, compared=-1):
+    """Member ``compared`` (by index; the last differs from the first in every swept axis) equals
+    its single run; one single run costs one compilation, so not every member is re-run.
+    ``swept`` is ``sweep_run``'s result when the caller already has it."""
+    built, states, history = swept or sweep_run(config, model, batches)
     assert len(built.group) > 1
-    for i in compared:
-        i, member = i % len(built.group), built.group[i]
-        state, single_history = single_run(sweep.member_config(config, member), model, batches)
-        mine = sweep.unstack(states, i)
-        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(state), strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-        for step, (ours, theirs) in enumerate(zip(history, single_history, strict=True)):
-            assert set(ours) == set(theirs)
-            for name, value in theirs.items():
-                tol = LOOSE.get(name, 1e-5)
-                np.testing.assert_allclose(
-                    ours[name][i], value, rtol=tol, atol=tol, err_msg=f"{member} {step} {name}"
-                )
+    i = compared % len(built.group)
+    member = built.group[i]
+    state, single_history = single_run(sweep.member_config(config, member), model, batches)
+    mine = sweep.unstack(states, i)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    for step, (ours, theirs) in enumerate(zip(history, single_history, strict=True)):
+        assert set(ours) == set(theirs)
+        for name, value in theirs.items():
+            tol = LOOSE.get(name, 1e-5)
+            np.testing.assert_allclose(
+                ours[name][i], value, rtol=tol, atol=tol, err_msg=f"{member} {step} {name}"
+            )
     # The members really differ (a sweep of identical runs would pass the checks above).
     losses = [h["loss"] for h in history]
     assert np.ptp(losses[-1]) > 1e-4
 
 
-def test_beta_and_label_smoothing_members_equal_single_runs(model, batches):
-    config = make_config(beta=(0.1, 0.5), label_smoothing=(0.0, 0.2))
-    assert_members_equal(config, model, batches)
+BETA_LS = dict(beta=(0.1, 0.5), label_smoothing=(0.0, 0.2))
+
+
+@pytest.fixture(scope="module")
+def beta_ls_sweep(model, batches):
+    """One mapped sweep over beta x label smoothing, shared by the equality and vmap tests."""
+    return sweep_run(make_config(**BETA_LS), model, batches)
+
+
+def test_beta_and_label_smoothing_members_equal_single_runs(model, batches, beta_ls_sweep):
+    assert_members_equal(make_config(**BETA_LS), model, batches, swept=beta_ls_sweep)
 
 
 @pytest.mark.slow
@@ -122,13 +131,14 @@ def test_learning_rate_and_seed_members_equal_single_runs(model, batches):
 
 
 @pytest.mark.slow
-def test_vmap_strategy_agrees_with_map(model, batches):
-    config = make_config(beta=(0.1, 0.5))
-    _, mapped, _ = sweep_run(config, model, batches[:1])
+def test_vmap_strategy_agrees_with_map(model, batches, beta_ls_sweep):
+    config = make_config(**BETA_LS)
     config.sweep.strategy = "vmap"
-    _, vmapped, _ = sweep_run(config, model, batches[:1])
+    _, vmapped, vmapped_history = sweep_run(config, model, batches)
+    _, mapped, mapped_history = beta_ls_sweep
     for a, b in zip(jax.tree.leaves(mapped), jax.tree.leaves(vmapped), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mapped_history[-1]["loss"], vmapped_history[-1]["loss"], rtol=1e-5)
 
 
 def test_members_are_the_product_of_the_axes():
