@@ -491,7 +491,7 @@ def run(config, workdir: str) -> StudyResult:
     with open(files["fits"], "w") as f:
         json.dump(fits, f, indent=1)
     files["plot"] = plot(bon, rl, fits, os.path.join(workdir, "overoptimisation.png"))
-    files["summary"] = write_summary(config, workdir, fits)
+    files["summary"] = write_summary(config, workdir, fits, bon)
     if jax.process_index() == 0:
         print(open(files["summary"]).read(), flush=True)
     return StudyResult("finished", workdir, files)
@@ -579,7 +579,24 @@ def summary_rows(fits: dict, form: str) -> list[dict]:
     return rows
 
 
-def write_summary(config, workdir: str, fits: dict) -> str:
+def kl_table(bon: list[dict]) -> str:
+    """Per N: the formula, and the exact and sampled KL of the selection (mean ± standard
+    error over every proxy)."""
+    rows = []
+    for n in sorted({r["n"] for r in bon}):
+        rs = [r for r in bon if r["n"] == n]
+        rows.append(
+            {
+                "N": n,
+                "log N − (N−1)/N": rs[0]["kl_formula"],
+                "exact KL": common.fmt(*common.mean_stderr([r["kl"] for r in rs])),
+                "sampled KL": common.fmt(*common.mean_stderr([r["kl_sampled"] for r in rs])),
+            }
+        )
+    return common.markdown_table(rows, list(rows[0]))
+
+
+def write_summary(config, workdir: str, fits: dict, bon: list[dict]) -> str:
     """``summary.md``: per proxy size, the fitted coefficients, where gold peaks and how far it
     falls after (over seeds), for best-of-N and PPO."""
     sections = []
@@ -589,6 +606,7 @@ def write_summary(config, workdir: str, fits: dict) -> str:
     ):
         rows = summary_rows(fits, form)
         sections.append((title, common.markdown_table(rows, list(rows[0]))))
+    sections.append(("Best-of-N KL: exact and sampled against log N − (N−1)/N", kl_table(bon)))
     gain = np.mean([b["best_arm_gain"] for b in fits["bandits"].values()])
     sections.append(
         (

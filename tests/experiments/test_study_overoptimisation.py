@@ -152,8 +152,11 @@ def test_tiny_preset_runs_end_to_end(tiny_run):
             assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-12) and rows[0]["gold_gain"] == 0.0
             for r in rows:
                 assert r["kl"] <= r["kl_formula"] + 1e-9
-                # The sampled selection agrees with the exact one.
-                assert abs(r["gold_sampled"] - r["gold"]) <= 5 * r["gold_sampled_stderr"] + 1e-6
+                # The sampled selection agrees with the exact one: within 5 standard errors, plus
+                # one draw's worth (a gold range of about 4 over num_draws) where every draw
+                # picked the same arm and the sample spread is 0.
+                slack = 4.0 / config.best_of_n.num_draws
+                assert abs(r["gold_sampled"] - r["gold"]) <= 5 * r["gold_sampled_stderr"] + slack
     rl = common.read_table(os.path.join(workdir, "rl.jsonl"))
     steps = list(range(0, config.ppo.num_steps + 1, config.ppo.eval_every))
     for size in sizes:
