@@ -860,20 +860,18 @@ def sample_responses(
     """
     ids = np.repeat(np.asarray(prompt_batch["prompt_input_ids"]), num_samples, 0)  # [P*K, L]
     mask = np.repeat(np.asarray(prompt_batch["prompt_attention_mask"]), num_samples, 0)
-    tokens, response_mask = generate(
+    gold, tokens, response_mask = score_generations(
         model,
         params,
-        ids,
-        mask,
+        task,
+        tokenizer,
+        {"prompt_input_ids": ids, "prompt_attention_mask": mask},
         max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id,
         greedy=False,
         temperature=temperature,
         key=key,
         lora=lora,
     )
-    responses = unpad(tokens, response_mask)
-    gold = task.gold_rewards_from_tokens(tokenizer, unpad(ids, mask), responses)
     full_ids = np.concatenate([ids, tokens], axis=1)  # [R, prompt + new]
     full_attn = np.concatenate([mask, response_mask], axis=1)
     loss_mask = np.concatenate([np.zeros_like(mask), response_mask], axis=1)
@@ -885,7 +883,7 @@ def sample_responses(
         ref = _logps_entropy_fn(model)(ref_params, None, full_ids, full_attn, loss_mask)[0]
     return Samples(
         prompt_index=np.repeat(np.arange(len(prompt_batch["prompt_input_ids"])), num_samples),
-        tokens=responses,
+        tokens=unpad(tokens, response_mask),
         lengths=response_mask.sum(-1).astype(np.int64),
         gold=np.asarray(gold, np.float64),
         logps=np.asarray(logps, np.float64),
