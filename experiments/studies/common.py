@@ -64,6 +64,11 @@ def fmt(mean: float, stderr: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {stderr:.{digits}f}"
 
 
+def fmt_over_seeds(mean: float, stderr: float, seeds: int, digits: int = 3) -> str:
+    """:func:`fmt` over several seeds; the mean alone for one seed (no standard error)."""
+    return fmt(mean, stderr, digits) if seeds > 1 else f"{mean:.{digits}f}"
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     """A GitHub markdown table of ``columns`` (floats to 3 significant decimals)."""
 

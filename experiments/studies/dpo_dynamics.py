@@ -276,8 +276,9 @@ def _decode(tokenizer, tokens, mask) -> list[str]:
 
 
 def onpolicy_records(model, params, task, tokenizer, prompts, num: int, seed: int) -> list[dict]:
-    """``num`` pairs of two distinct non-empty samples of ``params`` (temperature 1) per prompt,
-    labelled by Bradley-Terry under the gold reward at the task's temperature."""
+    """Up to ``num`` pairs of two distinct non-empty samples of ``params`` (temperature 1) for
+    prompts drawn from ``prompts`` (each pair once, as a preference file must hold it), labelled
+    by Bradley-Terry under the gold reward at the task's temperature."""
     rng = np.random.default_rng(seed)
     chosen = [prompts[i] for i in rng.integers(len(prompts), size=2 * num)]
     batch = _prompt_batch(chosen, tokenizer, 16)
@@ -294,7 +295,12 @@ def onpolicy_records(model, params, task, tokenizer, prompts, num: int, seed: in
             key=jax.random.fold_in(jax.random.key(seed), i),
         )
         samples.append(_decode(tokenizer, tokens, mask))
-    keep = [(x, a, b) for x, a, b in zip(chosen, *samples, strict=True) if a and b and a != b]
+    keep, seen = [], set()
+    for x, a, b in zip(chosen, *samples, strict=True):
+        pair = (x, frozenset((a, b)))
+        if a and b and a != b and pair not in seen:  # distinct, non-empty, each pair once
+            seen.add(pair)
+            keep.append((x, a, b))
     keep = keep[:num]
     r_a = np.asarray([task.gold_reward(x, a) for x, a, _ in keep])
     r_b = np.asarray([task.gold_reward(x, b) for x, _, b in keep])
@@ -487,11 +493,16 @@ def summary_sections(config, summary: list[dict]) -> list[tuple[str, str]]:
             "variant": r["variant"],
             "pairs": PAIRS[r["variant"]] if r["variant"] != "online_dpo" else "online",
             "seeds": r["seeds"],
-            "Δ log π(chosen)": common.fmt(r["d_logp_chosen"], r["d_logp_chosen_se"], 2),
-            "Δ log π(rejected)": common.fmt(r["d_logp_rejected"], r["d_logp_rejected_se"], 2),
-            "Δ margin": common.fmt(r["d_margin"], r["d_margin_se"], 2),
-            "gold start → end": f"{r['gold_initial']:.3f} → {common.fmt(r['gold'], r['gold_se'])}",
-            "KL end": common.fmt(r["kl"], r["kl_se"], 2),
+            "Δ log π(chosen)": common.fmt_over_seeds(
+                r["d_logp_chosen"], r["d_logp_chosen_se"], r["seeds"], 2
+            ),
+            "Δ log π(rejected)": common.fmt_over_seeds(
+                r["d_logp_rejected"], r["d_logp_rejected_se"], r["seeds"], 2
+            ),
+            "Δ margin": common.fmt_over_seeds(r["d_margin"], r["d_margin_se"], r["seeds"], 2),
+            "gold start → end": f"{r['gold_initial']:.3f} → "
+            + common.fmt_over_seeds(r["gold"], r["gold_se"], r["seeds"]),
+            "KL end": common.fmt_over_seeds(r["kl"], r["kl_se"], r["seeds"], 2),
             "displacement": "yes"
             if r["d_logp_chosen"] < 0 and r["d_logp_rejected"] < 0 and r["d_margin"] > 0
             else "no",
