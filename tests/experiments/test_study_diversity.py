@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from experiments import launch as launch_module
 from experiments.studies import common
 from tests.experiments.test_launchers import launch
 
@@ -37,8 +38,24 @@ def test_diversity_tiny_writes_its_outputs_and_low_beta_dpo_gets_longer(study):
     # collapsed -- and the more so the weaker the KL regularisation.
     for name in ("kl", "length", "entropy/token"):
         assert sft_row[name] < strong[name] < weak[name], name
-    # Length exploitation: the weak-beta policy's gold reward fell below the SFT policy's, but
-    # reweighted to the SFT policy's lengths it did not (the loss is in the length).
-    assert weak["gold"] < sft_row["gold"] < weak["gold_length_matched"]
+    # The length drift costs gold reward: reweighted to the SFT policy's lengths, the weak-beta
+    # policy's gold reward is higher than as sampled (0.23 against 0.16; seeds 1 and 2 of
+    # docs/studies.md, section 4, agree).
+    assert weak["gold_length_matched"] > weak["gold"]
     summary = open(os.path.join(study, "summary.md")).read()
     assert "| sft |" in summary and "| dpo | 0.1 |" in summary
+
+
+def test_diversity_refuses_a_bad_field_before_writing_anything(tmp_path):
+    workdir = tmp_path / "study"
+    with pytest.raises(launch_module.LaunchError) as err:
+        launch(
+            "experiments.studies.diversity",
+            [f"--workdir={workdir}", "--config.sample.num_samples=1"],
+        )
+    assert err.value.code == 2 and "config.sample.num_samples=1" in err.value.message
+    with pytest.raises(launch_module.LaunchError, match=r"config.methods=.*'sft'"):
+        launch(
+            "experiments.studies.diversity", [f"--workdir={workdir}", "--config.methods=('sft',)"]
+        )
+    assert not workdir.exists()
