@@ -275,7 +275,9 @@ def _decode(tokenizer, tokens, mask) -> list[str]:
     ]
 
 
-def onpolicy_records(model, params, task, tokenizer, prompts, num: int, seed: int) -> list[dict]:
+def onpolicy_records(
+    model, params, task, tokenizer, prompts, num: int, seed: int, max_new_tokens: int
+) -> list[dict]:
     """Up to ``num`` pairs of two distinct non-empty samples of ``params`` (temperature 1) for
     prompts drawn from ``prompts`` (each pair once, as a preference file must hold it), labelled
     by Bradley-Terry under the gold reward at the task's temperature."""
@@ -290,7 +292,7 @@ def onpolicy_records(model, params, task, tokenizer, prompts, num: int, seed: in
             task,
             tokenizer,
             batch,
-            max_new_tokens=12,
+            max_new_tokens=max_new_tokens,
             greedy=False,
             key=jax.random.fold_in(jax.random.key(seed), i),
         )
@@ -366,9 +368,25 @@ def run_seed(config, wd, seed: int) -> list[dict]:
         if not all(os.path.exists(f) for f in files):
             n_eval = config.eval.num_pairs
             recs = onpolicy_records(
-                model, ref_params, task, tokenizer, train_prompts, config.dpo.num_train, seed
+                model,
+                ref_params,
+                task,
+                tokenizer,
+                train_prompts,
+                config.dpo.num_train,
+                seed,
+                config.eval.max_new_tokens,
             )
-            held_recs = onpolicy_records(model, ref_params, task, tokenizer, held, n_eval, seed + 1)
+            held_recs = onpolicy_records(
+                model,
+                ref_params,
+                task,
+                tokenizer,
+                held,
+                n_eval,
+                seed + 1,
+                config.eval.max_new_tokens,
+            )
             _write_jsonl(files[0], recs)
             _write_jsonl(files[1], held_recs)
         eval_ds = pdata.tokenize(
