@@ -297,7 +297,7 @@ def best_of_n_rows(config, ref_probs, proxy: Proxy) -> list[dict]:
     probs = best_of_n_probs(ref_probs, proxy.scores, ns)  # [P, M, K]
     gold = np.einsum("pmk,pk->mp", probs, bandit.rewards).mean(-1)  # [M]
     score = np.einsum("pmk,pk->mp", probs, proxy.scores).mean(-1)
-    kl = kl_to(probs, ref_probs[:, None, :]).mean(0)  # [M]
+    kl = np.maximum(kl_to(probs, ref_probs[:, None, :]).mean(0), 0.0)  # [M]; rounding below 0
     rng = np.random.default_rng([config.seed, proxy.seed, proxy.num_train])
     rows = []
     for m, n in enumerate(ns):
