@@ -409,7 +409,8 @@ def run(config, workdir: str) -> StudyResult:
         common.write_summary(
             workdir, "Reward-KL frontiers on the bandit", summary_text(config, rows, bandit, refs)
         )
-        print(open(os.path.join(workdir, "summary.md")).read(), flush=True)
+        with open(os.path.join(workdir, "summary.md")) as f:
+            print(f.read(), flush=True)
     return StudyResult("finished", wd.path, points, rows)
 
 
