@@ -275,7 +275,9 @@ def _decode(tokenizer, tokens, mask) -> list[str]:
     ]
 
 
-def onpolicy_records(model, params, task, tokenizer, prompts, num: int, seed: int) -> list[dict]:
+def onpolicy_records(
+    model, params, task, tokenizer, prompts, num: int, seed: int, max_new_tokens: int
+) -> list[dict]:
     """Up to ``num`` pairs of two distinct non-empty samples of ``params`` (temperature 1) for
     prompts drawn from ``prompts`` (each pair once, as a preference file must hold it), labelled
     by Bradley-Terry under the gold reward at the task's temperature."""
@@ -290,7 +292,7 @@ def onpolicy_records(model, params, task, tokenizer, prompts, num: int, seed: in
             task,
             tokenizer,
             batch,
-            max_new_tokens=12,
+            max_new_tokens=max_new_tokens,
             greedy=False,
             key=jax.random.fold_in(jax.random.key(seed), i),
         )
@@ -366,9 +368,25 @@ def run_seed(config, wd, seed: int) -> list[dict]:
         if not all(os.path.exists(f) for f in files):
             n_eval = config.eval.num_pairs
             recs = onpolicy_records(
-                model, ref_params, task, tokenizer, train_prompts, config.dpo.num_train, seed
+                model,
+                ref_params,
+                task,
+                tokenizer,
+                train_prompts,
+                config.dpo.num_train,
+                seed,
+                config.eval.max_new_tokens,
             )
-            held_recs = onpolicy_records(model, ref_params, task, tokenizer, held, n_eval, seed + 1)
+            held_recs = onpolicy_records(
+                model,
+                ref_params,
+                task,
+                tokenizer,
+                held,
+                n_eval,
+                seed + 1,
+                config.eval.max_new_tokens,
+            )
             _write_jsonl(files[0], recs)
             _write_jsonl(files[1], held_recs)
         eval_ds = pdata.tokenize(
@@ -446,6 +464,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 delta.setdefault(name, []).append(curve[-1][name] - curve[0][name])
                 final.setdefault(name, []).append(curve[-1][name])
             final.setdefault("gold_initial", []).append(curve[0]["gold"])
+            final.setdefault("gold_peak", []).append(max(r["gold"] for r in curve))
         row = {"variant": variant, "seeds": len(seeds)}
         for name, values in delta.items():
             row[f"d_{name}"], row[f"d_{name}_se"] = common.mean_stderr(values)
@@ -487,6 +506,15 @@ def plot(rows: list[dict], path: str) -> str:
     return path
 
 
+def displacement(row: dict) -> str:
+    """``"yes"`` when the seed-mean chosen and rejected log-probs both fell while the margin grew,
+    ``"no"`` otherwise; ``" (n.s.)"`` is added when the chosen log-prob's change is within two
+    standard errors of 0 (over several seeds)."""
+    fell = row["d_logp_chosen"] < 0 and row["d_logp_rejected"] < 0 and row["d_margin"] > 0
+    unsure = row["seeds"] > 1 and abs(row["d_logp_chosen"]) < 2 * row["d_logp_chosen_se"]
+    return ("yes" if fell else "no") + (" (n.s.)" if unsure else "")
+
+
 def summary_sections(config, summary: list[dict]) -> list[tuple[str, str]]:
     table = [
         {
@@ -500,12 +528,10 @@ def summary_sections(config, summary: list[dict]) -> list[tuple[str, str]]:
                 r["d_logp_rejected"], r["d_logp_rejected_se"], r["seeds"], 2
             ),
             "Δ margin": common.fmt_over_seeds(r["d_margin"], r["d_margin_se"], r["seeds"], 2),
-            "gold start → end": f"{r['gold_initial']:.3f} → "
+            "gold start → peak → end": f"{r['gold_initial']:.3f} → {r['gold_peak']:.3f} → "
             + common.fmt_over_seeds(r["gold"], r["gold_se"], r["seeds"]),
             "KL end": common.fmt_over_seeds(r["kl"], r["kl_se"], r["seeds"], 2),
-            "displacement": "yes"
-            if r["d_logp_chosen"] < 0 and r["d_logp_rejected"] < 0 and r["d_margin"] > 0
-            else "no",
+            "displacement": displacement(r),
         }
         for r in summary
     ]
@@ -517,7 +543,8 @@ def summary_sections(config, summary: list[dict]) -> list[tuple[str, str]]:
         "distribution the variant trains on; gold reward and KL from "
         f"{config.eval.num_samples} samples of held-out prompts. Mean ± standard error over "
         f"seeds {tuple(config.seeds)}. `displacement`: chosen and rejected log-probs both fell "
-        "while the margin grew."
+        "while the margin grew (n.s.: the chosen log-prob's change is within two standard "
+        "errors of 0)."
     )
     cols = list(table[0]) if table else []
     return [("Setup", text), ("Initial -> final", common.markdown_table(table, cols))]

@@ -108,6 +108,7 @@ def online_config(config, method: str, seed: int, beta: float) -> ml_collections
     algo.reward.invalid = -2.0  # a response that is not an arm
     if method == "online_dpo":
         algo.beta = float(beta)
+        algo.labels = on.online_dpo_labels
     else:
         algo.kl_coef = float(beta)
         algo.kl_estimator = "k1"  # exact in expectation: the objective E[r] - beta KL
@@ -409,7 +410,8 @@ def run(config, workdir: str) -> StudyResult:
         common.write_summary(
             workdir, "Reward-KL frontiers on the bandit", summary_text(config, rows, bandit, refs)
         )
-        print(open(os.path.join(workdir, "summary.md")).read(), flush=True)
+        with open(os.path.join(workdir, "summary.md")) as f:
+            print(f.read(), flush=True)
     return StudyResult("finished", wd.path, points, rows)
 
 

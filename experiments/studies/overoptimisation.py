@@ -51,6 +51,7 @@ from prefjax.train import evaluation, loop, online, ppo, reward, sft
 from prefjax.train.errors import ConfigError
 
 FLAGS = flags.FLAGS
+NAME = "study_overoptimisation"
 launch.define_config_flag("studies/overoptimisation")  # --config, --config.*, --workdir
 FORMS = ("bon", "rl")
 
@@ -297,7 +298,7 @@ def best_of_n_rows(config, ref_probs, proxy: Proxy) -> list[dict]:
     probs = best_of_n_probs(ref_probs, proxy.scores, ns)  # [P, M, K]
     gold = np.einsum("pmk,pk->mp", probs, bandit.rewards).mean(-1)  # [M]
     score = np.einsum("pmk,pk->mp", probs, proxy.scores).mean(-1)
-    kl = kl_to(probs, ref_probs[:, None, :]).mean(0)  # [M]
+    kl = np.maximum(kl_to(probs, ref_probs[:, None, :]).mean(0), 0.0)  # [M]; rounding below 0
     rng = np.random.default_rng([config.seed, proxy.seed, proxy.num_train])
     rows = []
     for m, n in enumerate(ns):
@@ -408,9 +409,16 @@ def fit_rows(rows: list[dict], form: str, fall_threshold: float) -> dict:
 
 
 def run(config, workdir: str) -> StudyResult:
-    """Runs the study into ``workdir`` (see the module docstring)."""
+    """Runs the study into ``workdir`` (see the module docstring), claimed as a ``NAME`` run
+    directory: another run's or study's directory, or the same study with a config that differs
+    in a field that changes the results, is refused; the same command resumes."""
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    with common.claimed_workdir(workdir, NAME, config) as wd:
+        return _run(config, wd)
+
+
+def _run(config, wd) -> StudyResult:
+    workdir = wd.path
     bandits = {
         seed: data.task_from_config(reward_model_config(config, 16, seed).data)
         for seed in config.seeds
@@ -435,6 +443,7 @@ def run(config, workdir: str) -> StudyResult:
     )
     if not _finished(reference):
         return StudyResult(reference.status, workdir, {})
+    wd.mark_step()  # the study has results now: a later failure keeps its directory
     ref_logp = evaluation.bandit_policy(
         reference.setup.model, reference.state.params, bandit, tokenizer
     )

@@ -471,7 +471,7 @@ class GateConfig:
     kl_budget: float = 10.0
     min_entropy_fraction: float = 0.5
     patience: int = 1
-    keys: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: GATE_KEYS)
+    keys: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: dict(GATE_KEYS))
 
     def __post_init__(self):
         for name in ("gold_drop", "kl_budget", "min_entropy_fraction"):

@@ -173,3 +173,23 @@ def test_tiny_preset_runs_end_to_end(tiny_run):
         for fit in fits[form].values():
             assert np.isfinite(fit["gold_alpha"]) and np.isfinite(fit["proxy_beta"])
     assert "## Best-of-N" in open(os.path.join(workdir, "summary.md")).read()
+
+
+def test_a_directory_of_another_run_is_refused_before_anything_runs(tmp_path):
+    workdir = tmp_path / "dpo_run"
+    workdir.mkdir()
+    record = {"format": 1, "algorithm": "dpo", "config": {}, "invocations": []}
+    (workdir / "run.json").write_text(json.dumps(record))
+    argv = list(sys.argv)
+    try:
+        study = _import_study([f"--workdir={workdir}"])
+        flags.FLAGS(sys.argv)
+        with pytest.raises(SystemExit) as exit_info:
+            study.main(["prog"])
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code == 2  # refused, naming the other run's algorithm
+    assert "dpo" in str(exit_info.value)
+    # Nothing written: no study files, no sub-runs, the other run's record unchanged.
+    assert [n for n in os.listdir(workdir) if not n.startswith(".")] == ["run.json"]
+    assert json.loads((workdir / "run.json").read_text()) == record

@@ -36,7 +36,8 @@ def get_config(arg=None):
     config.workdir_default = f"runs/study_dpo_dynamics_{preset}"
     # Variants to train, a subset of VARIANTS (experiments/configs/studies/dpo_dynamics.py).
     config.variants = VARIANTS
-    # Seeds of model initialisation, data order and sampling (the task itself is fixed).
+    # Seeds of model initialisation, of the task's sampled data (pairs, held-out prompts, batch
+    # order) and of sampling; the task's definition is fixed.
     config.seeds = (0,)
 
     config.reference = ref = ml_collections.ConfigDict()
@@ -68,7 +69,7 @@ def get_config(arg=None):
     ev.num_pairs = 64
     # Samples (temperature 1) over the held-out prompts: their mean gold reward and KL.
     ev.num_samples = 128
-    # Maximum new tokens per sampled response.
+    # Maximum new tokens per sampled response (measurements and the on-policy pairs).
     ev.max_new_tokens = 12
 
     config.mesh = mesh = ml_collections.ConfigDict()

@@ -10,8 +10,9 @@ its final policies' (KL, gold reward) points against that curve:
 * ``dpo``, ``ipo``, ``rpo`` (DPO + the chosen response's NLL): offline, on the task's labelled
   pairs, the betas of one seed trained by one sweep (``prefjax.train.sweep``: one compile);
 * ``ppo`` (k1 KL in the reward), ``rloo`` (RLOO with the k1 KL in the reward, the exact
-  KL-regularised objective), ``online_dpo`` (best vs worst of K samples by gold reward): online,
-  one run per beta (the persistent compilation cache compiles each method once).
+  KL-regularised objective), ``online_dpo`` (Bradley-Terry labels under the gold reward on the
+  best vs worst of K samples): online, one run per beta (PPO's beta lives in its train state, so
+  the persistent compilation cache compiles PPO once; RLOO and online DPO once per beta).
 
 Presets: ``:tiny`` (the test suite's: 2 betas, 1 seed, a few dozen steps; about a minute on 2 CPU
 cores) and ``:full`` (a GPU: 7 betas, 5 seeds, full-length runs). Outputs in the workdir:
@@ -61,6 +62,9 @@ def get_config(arg=None):
     on.batch_size = 16
     on.num_samples = 4
     on.learning_rate = 3e-3
+    # Online DPO's labels: "bradley_terry" (best vs worst of the samples by score + Gumbel noise,
+    # the bandit's own preference model, whose DPO optimum is pi*_beta) | "ranked" (by score).
+    on.online_dpo_labels = "bradley_terry"
     # PPO: epochs x minibatches of optimiser steps per rollout batch.
     on.ppo_epochs = 2
     on.ppo_minibatches = 2
