@@ -36,26 +36,25 @@ def _start(out, num_processes, process_id, port, local_devices):
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     args = [sys.executable, WORKER, str(out), str(num_processes), str(process_id), str(port)]
-    return subprocess.Popen(
-        args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # Output to a file, not a pipe: a worker blocked on a full pipe would stall the whole job.
+    with open(f"{out}.log", "w") as log:
+        return subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait(procs):
-    """Waits for every process; on a failure or a timeout kills the rest and reports output."""
-    outputs = []
+def _wait(procs, outs):
+    """Waits for every process; on a failure or a timeout kills the rest and shows the log."""
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
-            outputs.append(out)
+        for p, out in zip(procs, outs, strict=True):
+            p.wait(timeout=TIMEOUT_S)
             if p.returncode != 0:
-                raise AssertionError(f"worker exited with {p.returncode}:\n{out[-4000:]}")
+                with open(f"{out}.log") as f:
+                    log = f.read()
+                raise AssertionError(f"worker {out} exited with {p.returncode}:\n{log[-4000:]}")
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
-    return outputs
+                p.wait()
 
 
 def _load(path):
@@ -73,7 +72,7 @@ def test_two_process_ppo_update_equals_the_one_process_update(tmp_path):
     single = tmp_path / "single.npz"
     procs = [_start(out, 2, i, port, local_devices=2) for i, out in enumerate(outs)]
     procs.append(_start(single, 1, 0, 0, local_devices=1))
-    _wait(procs)
+    _wait(procs, [*outs, single])
 
     ref_leaves, ref_metrics, ref_job = _load(single)
     assert ref_job == [1, 1, 1, 16]  # one process, one device, the whole rollout
