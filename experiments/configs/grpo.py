@@ -17,6 +17,20 @@ from experiments.configs import common
 PRESETS = ("default", "tiny", "bandit")
 
 
+def bandit_task(config) -> None:
+    """The fields every online ``:bandit`` preset shares (GRPO, online DPO, PPO): the bandit task
+    without SFT warm-up (it has no responses to imitate), one-token responses, -2 for a response
+    that is not an arm, an evaluation every 50 steps."""
+    config.data.task = "bandit"
+    config.sft_warmup.num_steps = 0
+    config.algorithm.max_new_tokens = 1
+    config.algorithm.reward.invalid = -2.0
+    config.data.max_prompt_len = 16
+    config.data.max_len = 24
+    config.train.eval_every = 50
+    config.eval.max_new_tokens = 1
+
+
 def get_config(arg=None):
     preset = common.parse_arg(arg or "default", PRESETS)
     config = common.base_config("grpo")
@@ -69,20 +83,13 @@ def get_config(arg=None):
         config.data.eval_batch_size = 8
         config.logging.tensorboard = False
     elif preset == "bandit":
-        config.data.task = "bandit"
-        config.sft_warmup.num_steps = 0
+        bandit_task(config)
         algo.advantage = "rloo"
         algo.kl_in = "reward"
         algo.kl_estimator = "k1"
         algo.kl_coef = 0.5
-        algo.max_new_tokens = 1
-        algo.reward.invalid = -2.0
-        config.data.max_prompt_len = 16
-        config.data.max_len = 24
         config.optimizer.learning_rate = 3e-3
         config.train.num_steps = 150
-        config.train.eval_every = 50
-        config.eval.max_new_tokens = 1
         # One prompt: the held-out rollouts are fresh samples of it, one batch the train shape.
         config.data.num_eval = 16
         config.data.eval_batch_size = 16

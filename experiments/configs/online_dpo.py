@@ -3,14 +3,17 @@ r"""Online DPO on pairs sampled from the current policy: ``python -m experiments
 The embedded default first runs ``sft_warmup.num_steps`` steps of SFT on the sequence task's base
 policy, then online DPO: K = 4 samples per prompt from the current policy, the highest and lowest
 by gold reward as chosen and rejected, the sigmoid DPO loss against the SFT policy. Measured
-numbers are in docs/online.md. ``:tiny`` is the test suite's preset (a few steps).
+numbers are in docs/online.md. ``:tiny`` is the test suite's preset (a few steps); ``:bandit``
+runs online DPO on the KL-regularised bandit with Bradley-Terry labels (pairs ordered by the gold
+reward plus Gumbel noise), whose population optimum is the closed form
+``pi* = pi_ref exp(r / beta) / Z``: ``eval/kl_to_optimal`` is ``KL(pi_theta || pi*)``.
 """
 
 import ml_collections
 
-from experiments.configs import common
+from experiments.configs import common, grpo
 
-PRESETS = ("default", "tiny")
+PRESETS = ("default", "tiny", "bandit")
 
 
 def get_config(arg=None):
@@ -63,4 +66,16 @@ def get_config(arg=None):
         config.data.num_eval = 16
         config.data.eval_batch_size = 8
         config.logging.tensorboard = False
+    elif preset == "bandit":
+        grpo.bandit_task(config)
+        algo.labels = "bradley_terry"
+        algo.num_samples = 2
+        algo.beta = 0.5
+        # 64 pairs per step: Bradley-Terry labels are noisy, so more pairs than GRPO's groups.
+        config.data.batch_size = 64
+        config.optimizer.learning_rate = 1e-2
+        config.train.num_steps = 150
+        # One prompt: the held-out rollouts are fresh samples of it, one batch the train shape.
+        config.data.num_eval = 64
+        config.data.eval_batch_size = 64
     return config

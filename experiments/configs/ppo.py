@@ -16,7 +16,7 @@ learned reward model; see experiments/pipelines.py ``sft_rm_ppo``).
 
 import ml_collections
 
-from experiments.configs import common
+from experiments.configs import common, grpo
 
 PRESETS = ("default", "tiny", "bandit", "rm")
 
@@ -85,19 +85,12 @@ def get_config(arg=None):
         config.logging.plot = False
         pipe.reward_model_steps = 4
     elif preset == "bandit":
-        config.data.task = "bandit"
-        config.sft_warmup.num_steps = 0
+        grpo.bandit_task(config)
         algo.kl_estimator = "k1"
         algo.kl_coef = 0.5
         algo.num_samples = 4
-        algo.max_new_tokens = 1
-        algo.reward.invalid = -2.0
-        config.data.max_prompt_len = 16
-        config.data.max_len = 24
         config.optimizer.learning_rate = 3e-3
         config.train.num_steps = 100
-        config.train.eval_every = 50
-        config.eval.max_new_tokens = 1
     elif preset == "rm":
         pipe.name = "sft_rm_ppo"
     return config

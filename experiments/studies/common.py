@@ -3,6 +3,7 @@ summary. Plotting stays in each study (matplotlib imported lazily, as in ``train
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -10,6 +11,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from prefjax.train import workdir as run_dir
+from prefjax.train.errors import ConfigError
 
 
 def write_table(workdir: str, name: str, rows: Sequence[Mapping]) -> tuple[str, str]:
@@ -60,6 +64,11 @@ def fmt(mean: float, stderr: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {stderr:.{digits}f}"
 
 
+def fmt_over_seeds(mean: float, stderr: float, seeds: int, digits: int = 3) -> str:
+    """:func:`fmt` over several seeds; the mean alone for one seed (no standard error)."""
+    return fmt(mean, stderr, digits) if seeds > 1 else f"{mean:.{digits}f}"
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     """A GitHub markdown table of ``columns`` (floats to 3 significant decimals)."""
 
@@ -81,3 +90,36 @@ def write_summary(workdir: str, title: str, sections: Sequence[tuple[str, str]])
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """Raises ``ConfigError`` naming ``field`` unless ``values`` is a non-empty subset of
+    ``allowed`` without repeats."""
+    values = tuple(values)
+    if not values or len(set(values)) != len(values) or not set(values) <= set(allowed):
+        raise ConfigError(f"{field}={values}: expected distinct values from {tuple(allowed)}")
+
+
+def check_seeds(field: str, seeds: Sequence[int]) -> None:
+    """Raises ``ConfigError`` naming ``field`` unless ``seeds`` are distinct integers (>= 1)."""
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{field}={seeds}: expected one or more distinct integer seeds")
+
+
+@contextlib.contextmanager
+def claimed_workdir(workdir: str, name: str, config):
+    """The study's run directory, claimed as a ``name`` run (``prefjax.train.workdir``: a
+    directory of another run, or a non-empty one without ``run.json``, is refused; a second
+    process is locked out); yields the open ``Workdir``. A study that fails before
+    ``Workdir.mark_step()`` (its first finished training run) removes a directory it created."""
+    wd = run_dir.Workdir(os.path.abspath(workdir), name, json.loads(config.to_json_best_effort()))
+    wd.open()
+    try:
+        wd.begin(0)
+        yield wd
+    except BaseException:
+        wd.discard()
+        raise
+    finally:
+        wd.release()

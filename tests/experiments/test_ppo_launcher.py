@@ -1,6 +1,6 @@
 """The PPO launcher: its ``:tiny`` preset end to end (SFT warm-up, then PPO on the gold reward),
-the SFT -> reward model -> PPO pipeline, stop/resume equal to an uninterrupted run, presets and
-validation that names the field."""
+the SFT -> reward model -> PPO pipeline (its reward-model stage loaded back as a reward source),
+stop/resume equal to an uninterrupted run, presets and validation that names the field."""
 
 import json
 import os
@@ -12,8 +12,10 @@ import pytest
 from experiments import launch as launch_module
 from experiments import pipelines
 from experiments.configs import common
+from experiments.configs import grpo as grpo_config
 from experiments.configs import ppo as ppo_config
-from prefjax.train import ppo
+from prefjax import models, rollout
+from prefjax.train import checkpointing, grpo, online, ppo
 from tests.experiments.test_launchers import _compilation_cache, launch  # noqa: F401
 
 SMALL = [
@@ -45,6 +47,38 @@ def test_sft_reward_model_ppo_pipeline(tmp_path):
     assert 0.0 <= evals[-1]["eval/gold_reward"] <= 1.0
     # Running it again resumes each finished stage without training it again.
     assert launch("experiments.ppo", argv) is None
+    _check_reward_model_source(os.path.join(workdir, "reward_model"), os.path.join(workdir, "sft"))
+
+
+def _check_reward_model_source(workdir, sft_dir):
+    """A reward-model run directory as a reward source: its final params, read at the last real
+    token of each response; a GRPO config naming it validates; an SFT run is refused."""
+    source = online.reward_model_from_workdir(workdir)
+    assert source.model.head == "reward"
+    params = checkpointing.restore_params(workdir)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(source.params), params)
+    tok = models.ByteTokenizer()
+    prompt = np.array([[tok.pad_id, tok.bos_id, 97, 42, 51, 61]] * 2)
+    r = rollout.Rollout(
+        prompt_ids=prompt,
+        prompt_mask=(prompt != tok.pad_id).astype(np.int32),
+        tokens=np.array([[97, 97, 97, tok.eos_id], [97, tok.eos_id, tok.pad_id, tok.pad_id]]),
+        response_mask=np.array([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        logprobs=np.zeros((2, 4), np.float32),
+        finish_reason=np.zeros(2, np.int32),
+        lengths=np.array([4, 2]),
+        prompt_index=np.arange(2),
+    )
+    scores = np.asarray(source(r))
+    alone = np.array([[tok.bos_id, 97, 42, 51, 61, 97, tok.eos_id]])
+    expected = source.model.apply(source.params, alone, np.ones_like(alone))
+    assert scores[1] == pytest.approx(float(expected[0]), abs=1e-5)
+    config = grpo_config.get_config("tiny")
+    config.algorithm.reward.source = "model"
+    config.algorithm.reward.model_dir = workdir
+    grpo.validate_config(config)
+    with pytest.raises(ValueError, match="'sft' run, not a reward-model run"):
+        online.reward_model_from_workdir(sft_dir)
 
 
 def test_presets_validate():
