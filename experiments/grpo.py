@@ -4,19 +4,15 @@ With no flags it runs the embedded default (SFT warm-up, then GRPO on the built-
 with its gold reward, on the CPU); see ``experiments/configs/grpo.py`` and docs/online.md.
 """
 
-from absl import app, flags
+from absl import app
 
 from experiments import launch, pipelines
 from prefjax.train import grpo
 
-FLAGS = flags.FLAGS
 launch.define_config_flag("grpo")  # --config, --config.*, --workdir
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, pipelines.sft_then(grpo))
+main = launch.absl_main(pipelines.sft_then(grpo))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import os
 import sys
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from prefjax import data as pdata
@@ -186,3 +186,15 @@ def main(config, workdir: str | None, run_fn):
     if result.status == "preempted":
         raise LaunchError("", EXIT_PREEMPTED)
     return result
+
+
+def absl_main(run_fn):
+    """A launcher's ``main(argv)`` for ``app.run``: refuses positional arguments, then runs
+    ``run_fn(config, workdir)`` through :func:`main` with ``--config`` and ``--workdir``."""
+
+    def launcher_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        main(flags.FLAGS.config, flags.FLAGS.workdir, run_fn)
+
+    return launcher_main

@@ -4,19 +4,15 @@ With no flags it runs the embedded default (tiny model, built-in sequence task, 
 minute); see ``experiments/configs/reward_model.py`` for what it prints and what "learned" means.
 """
 
-from absl import app, flags
+from absl import app
 
 from experiments import launch
 from prefjax.train import reward
 
-FLAGS = flags.FLAGS
 launch.define_config_flag("reward_model")  # --config, --config.*, --workdir
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, reward.run)
+main = launch.absl_main(reward.run)
 
 
 if __name__ == "__main__":

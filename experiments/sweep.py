@@ -4,12 +4,11 @@ Trains the members of ``config.sweep`` (betas, label smoothings, learning rates,
 compiled step after one shared SFT warm-up; see ``experiments/configs/sweep.py``.
 """
 
-from absl import app, flags
+from absl import app
 
 from experiments import launch, pipelines
 from prefjax.train import sweep
 
-FLAGS = flags.FLAGS
 launch.define_config_flag("sweep")  # --config, --config.*, --workdir
 
 
@@ -20,10 +19,7 @@ def run(config, workdir: str, **kwargs) -> sweep.SweepResult:
     return sweep.run(config, workdir, init_params=init, **kwargs)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, run)
+main = launch.absl_main(run)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 
 from experiments import launch, pipelines
 from experiments.configs import dpo as dpo_config
@@ -377,14 +377,10 @@ def write_outputs(workdir: str, rows: Sequence[dict]) -> None:
     )
 
 
-FLAGS = flags.FLAGS
 launch.define_config_flag("studies/diversity")  # --config, --config.*, --workdir
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, run)
+main = launch.absl_main(run)
 
 
 if __name__ == "__main__":

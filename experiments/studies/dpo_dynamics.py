@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app
 
 from experiments import launch, pipelines
 from experiments.configs import dpo as dpo_config
@@ -41,7 +41,6 @@ from prefjax.train import checkpointing, dpo, evaluation, inputs, loop, online_d
 from prefjax.train import common as train_common
 from prefjax.train.errors import ConfigError
 
-FLAGS = flags.FLAGS
 launch.define_config_flag("studies/dpo_dynamics")  # --config, --config.*, --workdir
 
 NAME = "study_dpo_dynamics"
@@ -569,10 +568,7 @@ def run(config, workdir: str) -> StudyResult:
     return StudyResult("finished", workdir, rows, summary)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, run)
+main = launch.absl_main(run)
 
 
 if __name__ == "__main__":

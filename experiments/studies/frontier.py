@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app
 
 from experiments import launch, pipelines
 from experiments.configs import grpo as grpo_config
@@ -46,7 +46,6 @@ from prefjax.train import logging as metric_logging
 from prefjax.train import workdir as run_dir
 from prefjax.train.errors import ConfigError
 
-FLAGS = flags.FLAGS
 launch.define_config_flag("studies/frontier")  # --config, --config.*, --workdir
 
 OFFLINE = ("dpo", "ipo", "rpo")
@@ -415,10 +414,7 @@ def run(config, workdir: str) -> StudyResult:
     return StudyResult("finished", wd.path, points, rows)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, run)
+main = launch.absl_main(run)
 
 
 if __name__ == "__main__":

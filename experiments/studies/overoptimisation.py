@@ -50,8 +50,8 @@ from prefjax import data
 from prefjax.train import evaluation, loop, online, ppo, reward, sft
 from prefjax.train.errors import ConfigError
 
-FLAGS = flags.FLAGS
 NAME = "study_overoptimisation"
+FLAGS = flags.FLAGS
 launch.define_config_flag("studies/overoptimisation")  # --config, --config.*, --workdir
 FORMS = ("bon", "rl")
 
@@ -632,10 +632,7 @@ def write_summary(config, workdir: str, fits: dict, bon: list[dict]) -> str:
     return common.write_summary(workdir, "Reward over-optimisation", sections)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    launch.main(FLAGS.config, FLAGS.workdir, run)
+main = launch.absl_main(run)
 
 
 if __name__ == "__main__":
