@@ -1,5 +1,6 @@
-"""What a launcher prints and returns when the input is wrong, the directory is taken, or the
-job is preempted: one line, a documented exit status, and no directory left behind."""
+"""What a launcher prints and returns when the input is wrong or the job is preempted: one line,
+a documented exit status, and no directory left behind. A taken directory (refused, exit 2) and
+a finished run's rerun (exit 0): on the DPO run of ``tests/experiments/test_launchers.py``."""
 
 import os
 import signal
@@ -38,22 +39,6 @@ def test_data_error_is_one_line_exit_2_and_leaves_no_workdir(tmp_path, capsys):
     # --debug lets the original exception (and its traceback) through.
     with pytest.raises(DataError, match=r"prefs\.jsonl:2: field 'rejected'"):
         launch("experiments.dpo", [*argv, "--debug"])
-
-
-@pytest.mark.slow
-def test_launcher_refuses_a_taken_workdir_and_reruns_a_finished_one(tmp_path, capsys):
-    workdir = str(tmp_path / "run")
-    argv = [f"--workdir={workdir}", *SMALL, "--config.sft_warmup.num_steps=0"]
-    assert launch("experiments.dpo", argv) is None
-    with pytest.raises(launch_module.LaunchError, match=r"holds a 'dpo' run") as err:
-        launch("experiments.reward_model", [f"--workdir={workdir}", *SMALL])
-    assert err.value.code == 2
-    with pytest.raises(launch_module.LaunchError, match=r"'sigmoid' -> 'ipo'") as err:
-        launch("experiments.dpo", [*argv, "--config.algorithm.loss=ipo"])
-    assert err.value.code == 2
-    capsys.readouterr()
-    assert launch("experiments.dpo", argv) is None  # the same command: finished, exit 0
-    assert "already finished at step 4" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -69,9 +69,10 @@ def launch(module_name, argv):
     ],
     ids=["dpo", "sft", "reward_model"],
 )
-def test_launcher_runs_tiny_preset_end_to_end(module_name, extra, tmp_path):
+def test_launcher_runs_tiny_preset_end_to_end(module_name, extra, tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    assert launch(module_name, [f"--workdir={workdir}", *SMALL, *extra]) is None  # exit status 0
+    argv = [f"--workdir={workdir}", *SMALL, *extra]
+    assert launch(module_name, argv) is None  # exit status 0
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     evals = [r for r in recs if r["split"] == "eval"]
@@ -94,6 +95,22 @@ def test_launcher_runs_tiny_preset_end_to_end(module_name, extra, tmp_path):
         assert os.path.exists(os.path.join(workdir, "hf_model", "model.safetensors"))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["train"]["num_steps"] == 4
+    if module_name == "experiments.dpo":
+        assert_taken_workdir_refused_and_finished_run_rerun(workdir, argv, capsys)
+
+
+def assert_taken_workdir_refused_and_finished_run_rerun(workdir, argv, capsys):
+    """On the finished DPO run: another launcher, or the same one with another config, is refused
+    (exit 2); the same command again trains nothing and exits 0."""
+    with pytest.raises(launch_module.LaunchError, match=r"holds a 'dpo' run") as err:
+        launch("experiments.reward_model", [f"--workdir={workdir}", *SMALL])
+    assert err.value.code == launch_module.EXIT_REFUSED
+    with pytest.raises(launch_module.LaunchError, match=r"'sigmoid' -> 'ipo'") as err:
+        launch("experiments.dpo", [*argv, "--config.algorithm.loss=ipo"])
+    assert err.value.code == launch_module.EXIT_REFUSED
+    capsys.readouterr()
+    assert launch("experiments.dpo", argv) is None  # the same command: finished, exit 0
+    assert "already finished at step 4" in capsys.readouterr().out
 
 
 def test_misspelt_override_is_an_error():
