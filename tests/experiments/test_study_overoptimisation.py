@@ -6,13 +6,13 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
 
 from experiments.studies import common
 from prefjax import data
+from tests.experiments.test_study_common import compilation_cache
 
 MODULE = "experiments.studies.overoptimisation"
 
@@ -115,17 +115,11 @@ def test_fit_recovers_known_coefficients(study, form):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("overopt") / "run")
-    old_cache, argv = jax.config.jax_compilation_cache_dir, list(sys.argv)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "xla_cache")
-    try:
+    with compilation_cache(tmp_path_factory):
         study = _import_study([f"--workdir={workdir}", "--config.logging.progress=False"])
         flags.FLAGS(sys.argv)
         assert study.main(["prog"]) is None  # exit status 0
         yield study, workdir
-    finally:
-        os.environ.pop("JAX_COMPILATION_CACHE_DIR")
-        jax.config.update("jax_compilation_cache_dir", old_cache)
-        sys.argv = argv
 
 
 @pytest.mark.slow
