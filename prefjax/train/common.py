@@ -508,6 +508,11 @@ class Setup:
       reference: the reference policy's params when they are in memory (the frozen copy, or the
         LoRA base with adapters off), else ``None``.
       info: free-form description (reference kind, parameter counts) for logs.
+      should_stop: optional ``host_metrics -> reason | None``, asked after every train step
+        with that step's metrics as host floats (the loop then fetches them every step); a
+        reason ends the run at that step: checkpoint, final evaluation, status ``"stopped"``
+        (e.g. PPO's KL budget with ``kl_budget_action="stop"``). ``None``: the run never stops
+        early on its metrics.
     """
 
     state: TrainState
@@ -524,6 +529,7 @@ class Setup:
     objective: Objective
     reference: Any = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    should_stop: Callable[[Mapping[str, float]], str | None] | None = None
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Places a host batch (per-process shard on multi-host runs) on the mesh."""

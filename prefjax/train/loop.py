@@ -19,7 +19,8 @@ validation); reference log-probs for a ``"precomputed"`` reference come from
 5. trains ``train.num_steps`` steps with a progress bar, console/JSONL/TensorBoard metrics every
    ``train.log_every`` steps, held-out evaluation every ``train.eval_every`` steps, periodic
    checkpoints, non-finite handling (``skip`` counts, ``stop`` checkpoints and raises
-   :class:`NonFiniteError`), and a checkpoint-then-exit on SIGTERM/SIGINT (preemption);
+   :class:`NonFiniteError`), a checkpoint-then-exit on SIGTERM/SIGINT (preemption), and the
+   algorithm's own stop condition (``Setup.should_stop``, "Stopping early" below);
 6. at the end writes the final checkpoint, ``curves.png``, ``summary.txt`` and, when
    ``export.hf``, the trained policy (LoRA merged) as a Hugging Face folder.
 
@@ -27,6 +28,19 @@ Step ``s`` in every record means "after ``s`` optimiser steps"; a resumed run co
 ``metrics.jsonl`` (records written after the checkpoint it resumes from are dropped first, and the
 logging window in progress at the checkpoint is restored with it, so every record equals an
 uninterrupted run's). A run that fails before its first step removes the workdir it created.
+
+Stopping early (``Setup.should_stop``)
+--------------------------------------
+An algorithm may end a run on its own metrics: ``setup.should_stop(host_metrics)`` is asked
+after every step with that step's metrics (fetched every step when it is set, and only then),
+and a reason string ends the run *at that step*: its logging record is written (``run/stopped``
+= 1), the held-out evaluation runs, a checkpoint is written with the reason in its metadata
+(``stop_reason``), ``run.json`` records the invocation's end (``ended``), ``curves.png`` and
+``summary.txt`` are written, and the result's status is ``"stopped"``. Such a run has ended: the
+same command on that workdir resumes the stop checkpoint, prints the reason and trains nothing
+(status ``"stopped"``, nothing written or removed). It continues only under a result-changing
+config change accepted with ``train.resume_with_changes=true`` (e.g. a raised budget); a new
+``--workdir`` starts a separate run.
 """
 
 from __future__ import annotations
@@ -63,10 +77,12 @@ class RunResult(NamedTuple):
     Attributes:
       state: the final (or last checkpointed) ``TrainState``.
       step: optimiser steps taken.
-      status: ``"finished"`` | ``"preempted"`` (SIGTERM/SIGINT or ``stop_after_steps``).
+      status: ``"finished"`` | ``"preempted"`` (SIGTERM/SIGINT or ``stop_after_steps``) |
+        ``"stopped"`` (the algorithm's ``Setup.should_stop`` ended the run; ``stop_reason``).
       eval_metrics: the last held-out evaluation (``eval/...`` names), ``{}`` if none.
       workdir: the absolute run directory.
       setup: the algorithm's ``Setup`` (model, frozen pytree, jitted steps).
+      stop_reason: why the run stopped (status ``"stopped"``), else ``""``.
     """
 
     state: Any
@@ -75,6 +91,7 @@ class RunResult(NamedTuple):
     eval_metrics: dict
     workdir: str
     setup: Any
+    stop_reason: str = ""
 
 
 class StopRequest:
@@ -329,10 +346,26 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
         )
     state, start = setup.state, 0
     restored = ckpt.restore_latest(setup.state) if ckpt else None
+    ended = ""  # the reason of a run that stopped early and has ended (nothing to train)
     if restored is not None:
         state, start = restored.state, restored.step
         train_iter.set_state(restored.data_state)
-        if is_main and start >= config.train.num_steps:
+        previous_stop = restored.meta.get("stop_reason", "")
+        # Only a result-changing change, accepted with train.resume_with_changes, continues it.
+        if previous_stop and not any(not c.free for c in wd.changes):
+            ended = previous_stop
+            if is_main:
+                print(
+                    f"{tag}this run stopped at step {start}: {ended}; {_has_ended(workdir)}",
+                    flush=True,
+                )
+        elif is_main and previous_stop:
+            print(
+                f"{tag}continuing the run that stopped at step {start} ({previous_stop}) under "
+                "the changed config",
+                flush=True,
+            )
+        elif is_main and start >= config.train.num_steps:
             print(
                 f"{tag}this run already finished at step {start} "
                 f"(train.num_steps={config.train.num_steps}); nothing to train. Raise "
@@ -358,12 +391,14 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
     # with no checkpoint yet starts again from step 0, step-0 evaluation included.)
     writer.truncate_after(start if restored is not None else -1)
 
-    def save(step, reason, *, fetch=True):
+    def save(step, reason, *, fetch=True, stop_reason=""):
         if ckpt is not None:
             if fetch and pending:  # the window saved with the checkpoint holds host values
                 window.extend(to_host(pending))
                 pending.clear()
             extra = {"window": window, "skipped_total": skipped_total}
+            if stop_reason:  # a resumption of this checkpoint knows the run has ended
+                extra["stop_reason"] = stop_reason
             ckpt.save(step, state, train_iter.get_state(), config_json, reason=reason, meta=extra)
             faults.maybe_crash("checkpoint", step)
             if faults.armed("committed", step):
@@ -375,7 +410,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
         eval_metrics = evaluate(setup, state.params, data.eval, config)
         writer.write(0, eval_metrics, split="eval")
 
-    status, step = "finished", start
+    status, step, stop_reason = ("stopped" if ended else "finished"), start, ended
     # The logging window in progress at the checkpoint travels with it, so the first record
     # after a resumption averages the same steps as an uninterrupted run's.
     window: list[dict] = list(restored.meta.get("window", [])) if restored else []
@@ -387,8 +422,10 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
     # Metrics stay on the device until a logging step, so the host prepares and dispatches the
     # next batches while the device computes (a per-step fetch would wait for every step). They
     # are fetched every step only where a decision needs them then: train.nonfinite="stop"
-    # (checkpoint and stop at that very step) and a step_hook.
-    sync_every_step = config.train.nonfinite == "stop" or step_hook is not None
+    # (checkpoint and stop at that very step), the algorithm's should_stop and a step_hook.
+    sync_every_step = (
+        config.train.nonfinite == "stop" or setup.should_stop is not None or step_hook is not None
+    )
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet on the host
 
     def to_host(step_metrics: list[tuple[int, Any]]) -> list[dict[str, float]]:
@@ -421,7 +458,7 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
 
     try:
         with stop.installed():
-            for step in range(start + 1, num_steps + 1):
+            for step in range(start + 1, (start if ended else num_steps) + 1):
                 batch = setup.shard_batch(next(train_iter))
                 state, metrics = setup.train_step(state, batch, setup.frozen, step_key)
                 steps_run += 1
@@ -435,25 +472,35 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
                     window.append(metrics)
                     if step_hook is not None:
                         step_hook(step, state, metrics)
+                    if setup.should_stop is not None:
+                        stop_reason = setup.should_stop(metrics) or ""
                     progress.update(1, **{"last loss": metrics.get("loss", float("nan"))})
                 else:
                     progress.update(1)
-                if step % config.train.log_every == 0 or step == num_steps:
+                # The run ends here: this step's record, evaluation and checkpoint are the last.
+                last = step == num_steps or bool(stop_reason)
+                if step % config.train.log_every == 0 or last:
                     if pending:
                         window.extend(to_host(pending))
                         pending.clear()
                         progress.update(0, **{"last loss": window[-1].get("loss", float("nan"))})
                     record = mean_records(window)
                     record["train/skipped_total"] = float(skipped_total)
+                    if stop_reason:
+                        record["run/stopped"] = 1.0
                     record["steps_per_second"] = steps_run / max(time.time() - t_start, 1e-9)
                     writer.write(
                         step, record, note=f"mean of steps {step - len(window) + 1}-{step}"
                     )
                     window = []
                 evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
-                if evaluate_now or (step == num_steps and not _stage):
+                if evaluate_now or (last and not _stage):
                     eval_metrics = evaluate(setup, state.params, data.eval, config)
                     writer.write(step, eval_metrics, split="eval")
+                if stop_reason:
+                    status = "stopped"
+                    save(step, f"stopped: {stop_reason}", stop_reason=stop_reason)
+                    break
                 if step == num_steps:
                     save(step, "final")
                 elif ckpt is not None and ckpt.should_save(step):
@@ -475,9 +522,30 @@ def _run(config, wd, derived, algorithm, stop_after_steps, step_hook, init_param
             f"{tag}stopped at step {step}; checkpoint written. Run the same command to resume.",
             flush=True,
         )
-    if is_main and status == "finished" and not _stage:
-        report(config, wd, derived, setup, state)
-    return RunResult(state, step, status, eval_metrics, workdir, setup)
+    if status == "stopped":
+        wd.mark_ended(status, step, stop_reason, trained=not ended)
+    stopped_now = status == "stopped" and not ended
+    if is_main and stopped_now:
+        if ckpt is None:
+            how = "no checkpoint (checkpoint.enabled=false): a rerun starts again from step 0."
+        else:
+            how = f"checkpoint written; {_has_ended(workdir)}"
+        print(f"{tag}stopped at step {step}: {stop_reason}; {how}", flush=True)
+    if is_main and (status == "finished" or stopped_now) and not _stage:
+        note = f"stopped at step {step}: {stop_reason}" if stopped_now else ""
+        report(config, wd, derived, setup, state, note=note)
+    return RunResult(state, step, status, eval_metrics, workdir, setup, stop_reason)
+
+
+def _has_ended(workdir: str) -> str:
+    """What a run stopped by its ``should_stop`` says about going on (at the stop and on
+    every rerun of the same command)."""
+    return (
+        f"the run has ended: the same command on {workdir} trains nothing (its checkpoints "
+        "and metrics are kept as they are). To go on, start a separate run with another "
+        "--workdir (e.g. with the limit raised), or continue this one from its last checkpoint "
+        "under the changed values with --config.train.resume_with_changes=true."
+    )
 
 
 def _skipped_before(metrics_path: str, step: int) -> int:
@@ -491,10 +559,11 @@ def _skipped_before(metrics_path: str, step: int) -> int:
     return int(totals[-1]) if totals else 0
 
 
-def report(config, wd, derived, setup, state) -> None:
+def report(config, wd, derived, setup, state, *, note: str = "") -> None:
     """End of run, in ``wd`` (a :class:`~prefjax.train.workdir.Workdir`): ``curves.png`` from
-    its ``metrics.jsonl``, ``summary.txt`` (with any accepted config changes) and, when
-    ``derived.export_dir`` is set, the policy of ``state`` (``setup.policy_params``) exported."""
+    its ``metrics.jsonl``, ``summary.txt`` (with any accepted config changes, and ``note``: why
+    a run stopped early) and, when ``derived.export_dir`` is set, the policy of ``state``
+    (``setup.policy_params``) exported."""
     workdir = wd.path
     records = metric_logging.read_records(os.path.join(workdir, "metrics.jsonl"))
     title = f"{config.algorithm.name} ({config.algorithm.loss}) on {config.data.task}"
@@ -511,7 +580,7 @@ def report(config, wd, derived, setup, state) -> None:
         for c in changes:
             table += f"\n  from step {c['step']}: {c['field']}: {c['old']!r} -> {c['new']!r}"
     with open(os.path.join(workdir, "summary.txt"), "w") as f:
-        f.write(title + "\n" + table + "\n")
+        f.write(title + "\n" + (note + "\n" if note else "") + table + "\n")
     print(table, flush=True)
     if derived.export_dir:
         params = jax.device_get(setup.policy_params(state.params, setup.frozen))

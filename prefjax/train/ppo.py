@@ -12,7 +12,8 @@ shuffled minibatches, then ``optimizer.grad_accum_steps`` micro-batches):
 2. **KL-shaped rewards** (:func:`prefjax.losses.kl_shaped_rewards`): the score on the last real
    response token, :math:`-\beta\,\widehat{KL}_t` (``k1`` / ``k2`` / ``k3``) on every token, 0 on
    padding. :math:`\beta` is fixed, adaptive (:func:`prefjax.losses.adaptive_kl_update`, carried
-   in :class:`PPOState`) or bounded by a KL budget that raises it when exceeded.
+   in :class:`PPOState`) or bounded by a KL budget: when a rollout exceeds it, either beta is
+   raised or the run ends there (:func:`budget_stop`, the loop's ``Setup.should_stop``).
 3. **GAE** (:func:`prefjax.losses.gae`), then advantages whitened over the batch's real tokens.
 4. **Updates**: clipped surrogate + ``vf_coef`` x clipped value loss + entropy bonus, reduced
    with one of :data:`prefjax.losses.LOSS_REDUCTIONS` whose normaliser is computed on the whole
@@ -104,8 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Adaptive control: target KL (nats per response) and horizon (responses).
     algo.kl_target = 1.0
     algo.kl_horizon = 1000.0
-    # Budget control: KL (nats per response) above which updates stop ("stop": the rollout's
-    # update is dropped, the policy stays) or beta is multiplied by kl_budget_factor ("raise").
+    # Budget control: KL (nats per response) above which the run stops ("stop": the rollout's
+    # update is dropped and the run ends at that step, checkpointed, like trl/OpenRLHF's early
+    # stop on KL) or beta is multiplied by kl_budget_factor ("raise").
     algo.kl_budget = 5.0
     algo.kl_budget_action = "raise"
     algo.kl_budget_factor = 2.0
@@ -391,6 +393,26 @@ def _next_kl_coef(hp: PPOHparams, kl_coef: jax.Array, kl: jax.Array, n: int) -> 
     if hp.kl_control == "budget" and hp.kl_budget_action == "raise":
         return jnp.where(kl > hp.kl_budget, kl_coef * hp.kl_budget_factor, kl_coef)
     return kl_coef
+
+
+def budget_stop(hp: PPOHparams) -> Callable[[Mapping[str, float]], str | None] | None:
+    """The run's stop condition (``Setup.should_stop``) under ``kl_control="budget"`` with
+    ``kl_budget_action="stop"``: the first rollout whose mean KL per response exceeded
+    ``kl_budget`` (``kl/over_budget`` = 1; the update dropped that rollout) ends the run at that
+    step. ``None`` (never stop early) for every other KL control."""
+    if hp.kl_control != "budget" or hp.kl_budget_action != "stop":
+        return None
+
+    def should_stop(metrics: Mapping[str, float]) -> str | None:
+        if not metrics.get("kl/over_budget", 0.0):
+            return None
+        return (
+            f"rollout KL {metrics['rollout/kl']:.4g} nats per response exceeded "
+            f"algorithm.kl_budget={hp.kl_budget:g} (kl_budget_action='stop'; that rollout's "
+            "update was dropped, so the checkpoint holds the last policy within the budget)"
+        )
+
+    return should_stop
 
 
 class Targets(NamedTuple):
@@ -824,6 +846,7 @@ def setup(config: Any, model: Any, mesh: Mesh, key: jax.Array) -> Setup:
         policy_params=policy_params,
         objective=objective(model, config),
         reference=frozen,
+        should_stop=budget_stop(hp),
         info={
             "reference": reference(config),
             "critic": hp.critic,

@@ -385,6 +385,14 @@ class Workdir:
             with open(os.path.join(self.path, "config.json"), "w") as f:
                 json.dump(self.config_json, f, indent=2, sort_keys=True)
 
+    def mark_ended(self, status: str, step: int, reason: str, *, trained: bool) -> None:
+        """Records in ``run.json`` that this invocation ended the run early (``status``, e.g.
+        ``"stopped"``, at ``step`` for ``reason``; ``trained``: whether it trained up to the
+        stop, or found the run already ended)."""
+        entry = {"status": status, "step": int(step), "reason": reason, "trained": trained}
+        self.record.setdefault("invocations", [{}])[-1]["ended"] = entry
+        self._write()
+
     def mark_step(self) -> None:
         self.stepped = True
         if self.parent is not None:

@@ -28,12 +28,14 @@ After each kill the directory must still be resumable (opened in-process on a co
 invocation must not exit 2); after the final, fault-free invocation (exit 0), the params, every
 ``metrics.jsonl`` record (ignoring ``time`` and ``steps_per_second``), ``config.json``,
 ``summary.txt`` and the file lists equal the reference's (for ``warmup`` also those of the
-stage). :func:`test_kill_inside_run_json_replace` kills deterministically inside ``run.json``'s
-atomic replace (between the fsynced ``run.json.tmp`` and ``os.replace``) of a run's very first
-claim. :func:`test_kill_point_coverage` (last) prints and checks the totals.
+stage). The first trial of each variant starts with a deterministic kill inside ``run.json``'s
+atomic replace (between the fsynced ``run.json.tmp`` and ``os.replace``) of the very first claim
+of the run (``dpo``) or of its warm-up stage (``warmup``), :data:`REPLACE_KILLS`; its planned
+kills then run on the directory that kill left. :func:`test_kill_point_coverage` (last) prints
+and checks the totals.
 
 The suite runs 2 of the trials (one per variant; ``PREFJAX_FAULT_TRIALS=8`` runs all 8) to fit
-CI's time, plus the two ``run.json`` replace kills. Measured with all 8 on 2 shared CPU
+CI's time, with the two ``run.json`` replace kills. Measured with all 8 on 2 shared CPU
 cores at load average 5-6 (other jobs running): 8 trials (4 ``dpo``, 4 ``warmup``),
 23 kill points: 14 named (step 3, metrics 5, checkpoint 4, committed 2; 6 of them in
 the warm-up stage) and 9 timed (4 in start-up, 1 in setup, 3 in DPO training and checkpoints, 1
@@ -117,6 +119,24 @@ _NUM_TRIALS = int(os.environ.get("PREFJAX_FAULT_TRIALS", "2"))
 TRIALS = [("dpo", i) for i in range(4)][: _NUM_TRIALS // 2] + [("warmup", i) for i in range(4, 8)][
     : _NUM_TRIALS - _NUM_TRIALS // 2
 ]
+
+# The child dies inside Workdir._write, after run.json.tmp is written and fsynced and before
+# os.replace makes it run.json: the one moment the atomic write leaves two names.
+KILL_AT_REPLACE = """
+import os, runpy, signal, sys
+_replace, _seen = os.replace, [0]
+def _replace_or_die(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(src)) == "run.json.tmp":
+        _seen[0] += 1
+        if _seen[0] == {nth}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = _replace_or_die
+runpy.run_module("experiments.dpo", run_name="__main__", alter_sys=True)
+"""
+# variant -> (the trial that starts with it, which run.json write dies, the directory it claims):
+# the run's first claim (dpo), the warm-up stage's first claim (warmup: the run claims first).
+REPLACE_KILLS = {"dpo": (0, 1, ""), "warmup": (4, 2, STAGE_DIR)}
 
 # Filled by the trials, checked by test_kill_point_coverage (the last test of the module).
 TALLY: collections.Counter = collections.Counter()
@@ -519,6 +539,22 @@ def test_killed_runs_resume_to_the_uninterrupted_result(
     def story() -> str:
         return "\n".join(story_lines + [h.describe() for h in history[-2:]])
 
+    if REPLACE_KILLS[variant][0] == trial:
+        _, nth, claimed = REPLACE_KILLS[variant]
+        where = claimed or "the run"
+        how = f"kill 0: SIGKILL inside os.replace of run.json write #{nth} (claim of {where})"
+        code = KILL_AT_REPLACE.format(nth=nth)
+        inv = launch(workdir, variant, xla_cache, f"{logs}/replace.txt", code=code, how=how)
+        history.append(inv)
+        story_lines.append(how)
+        assert inv.rc == -signal.SIGKILL, story()
+        left = sorted(os.listdir(os.path.join(workdir, claimed)))
+        assert "run.json.tmp" in left and "run.json" not in left, f"{left}\n{story()}"  # hit it
+        counts["run.json atomic replace"] += 1
+        # The next invocations must not be refused (exit 2): a named kill must fire, a timed one
+        # must end by the kill, the final rerun must finish.
+        assert_resumable(workdir, ref, story())
+
     for i, kind in enumerate(kinds):
         traces_before = write_traces(workdir)
         if kind == "named":
@@ -570,52 +606,6 @@ def test_killed_runs_resume_to_the_uninterrupted_result(
     )
 
 
-# The child dies inside Workdir._write, after run.json.tmp is written and fsynced and before
-# os.replace makes it run.json: the one moment the atomic write leaves two names.
-KILL_AT_REPLACE = """
-import os, runpy, signal, sys
-_replace, _seen = os.replace, [0]
-def _replace_or_die(src, dst, *args, **kwargs):
-    if os.path.basename(os.fspath(src)) == "run.json.tmp":
-        _seen[0] += 1
-        if _seen[0] == {nth}:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return _replace(src, dst, *args, **kwargs)
-os.replace = _replace_or_die
-runpy.run_module("experiments.dpo", run_name="__main__", alter_sys=True)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "variant, nth, claimed",
-    [("dpo", 1, ""), ("warmup", 2, STAGE_DIR)],
-    ids=["first-claim-of-the-run", "first-claim-of-the-warmup-stage"],
-)
-def test_kill_inside_run_json_replace(variant, nth, claimed, references, xla_cache, tmp_path):
-    ref = references(variant)
-    workdir, logs = str(tmp_path / "run"), str(tmp_path)
-    how = f"SIGKILL inside os.replace of run.json write #{nth} (claim of {claimed or 'the run'})"
-    killed = launch(
-        workdir, variant, xla_cache, f"{logs}/0.txt", code=KILL_AT_REPLACE.format(nth=nth), how=how
-    )
-    history = [killed]
-    assert killed.rc == -signal.SIGKILL, killed.describe()
-    left = sorted(os.listdir(os.path.join(workdir, claimed)))
-    assert "run.json.tmp" in left and "run.json" not in left, left  # the window was hit
-    TALLY["run.json atomic replace"] += 1
-    # The launcher's own answer, not only Workdir.open's: exit 2 (refused) fails in finish.
-    last = finish(workdir, variant, xla_cache, logs, history)
-    assert_matches_reference(
-        workdir,
-        ref,
-        write_in_flight=False,
-        invocations=len(history),
-        last=last,
-        story="\n".join(h.describe() for h in history),
-    )
-
-
 def test_kill_point_coverage():
     """The totals over the trials (printed with -s); meaningful only when all of them ran."""
     lines = [f"trials: {TALLY['trials']} ({', '.join(TRIALS_RUN)})"]
@@ -629,6 +619,9 @@ def test_kill_point_coverage():
     # --dist loadfile); -k selections check what they ran.
     assert TALLY["trials"] == len(TRIALS_RUN) >= 1, summary
     assert named + timed >= 2 * len(TRIALS_RUN), summary  # each trial kills at least twice
+    # The trials of REPLACE_KILLS that ran each killed inside run.json's replace once.
+    starts = {f"{v}-trial{t}" for v, (t, _, _) in REPLACE_KILLS.items()}
+    assert TALLY["run.json atomic replace"] == len(starts & set(TRIALS_RUN)), summary
     if len(TRIALS_RUN) == len(TRIALS) >= 4:
         assert named >= 4 and timed >= 2, summary
     if len(TRIALS_RUN) == len(TRIALS) >= 2:

@@ -233,3 +233,60 @@ def test_a_second_run_reuses_the_cached_reference_logps(tmp_path, capsys):
     assert evals("a")[0]["eval/logps/chosen"] == evals("b")[0]["eval/logps/chosen"]
     assert abs(evals("b")[0]["eval/rewards/margin"]) < 1e-5  # float32 rounding of the two passes
     assert evals("b")[0]["eval/rewards/accuracy"] == 0.5
+
+
+class StoppingDPO:
+    """``prefjax.train.dpo`` with a stop condition (``Setup.should_stop``) that fires on its
+    ``stop_at``-th call, recording what it was asked with."""
+
+    def __init__(self, stop_at):
+        self.stop_at = stop_at
+        self.seen = []
+
+    def __getattr__(self, name):  # the rest of the Algorithm protocol is dpo's
+        return getattr(dpo, name)
+
+    def setup(self, config, model, mesh, key):
+        setup = train_setup.build_setup(config, model, mesh, key, dpo)
+
+        def should_stop(metrics):
+            self.seen.append(metrics["loss"])
+            return "the loss limit was reached" if len(self.seen) == self.stop_at else None
+
+        return dataclasses.replace(setup, should_stop=should_stop)
+
+
+def test_should_stop_ends_the_run_and_a_rerun_trains_nothing(tmp_path, capsys):
+    workdir = str(tmp_path)
+    algorithm = StoppingDPO(stop_at=3)
+    result = loop.run(tiny_config(), workdir, algorithm)
+    assert result.status == "stopped" and result.step == 3
+    assert result.stop_reason == "the loss limit was reached"
+    # Asked at every step with host floats, although metrics are logged every 2 steps.
+    assert len(algorithm.seen) == 3 and all(isinstance(v, float) for v in algorithm.seen)
+    recs = records(workdir)
+    train = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 3]  # the stop step's record (step 3 alone)
+    assert train[-1]["loss"] == pytest.approx(algorithm.seen[2], rel=1e-6)
+    assert train[-1]["run/stopped"] == 1.0 and "run/stopped" not in train[0]
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [3]  # the final evaluation
+    meta = json.load(open(os.path.join(workdir, "checkpoints", "3", "meta", "metadata")))
+    assert meta["stop_reason"] == "the loss limit was reached"
+    out = capsys.readouterr().out
+    assert "stopped at step 3: the loss limit was reached; checkpoint written" in out
+
+    # The same command: the run has ended. Nothing is trained, written over or removed.
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    rerun = StoppingDPO(stop_at=100)
+    again = loop.run(tiny_config(), workdir, rerun)
+    assert again.status == "stopped" and again.step == 3 and rerun.seen == []
+    assert again.stop_reason == result.stop_reason
+    assert "this run stopped at step 3: the loss limit was reached" in capsys.readouterr().out
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+
+    # A result-changing change accepted with resume_with_changes continues the run.
+    changed = tiny_config(**{"seed": 1, "train.resume_with_changes": True})
+    resumed = loop.run(changed, workdir, StoppingDPO(stop_at=100))
+    assert resumed.status == "finished" and resumed.step == NUM_STEPS
+    assert [r["step"] for r in records(workdir) if r["split"] == "train"] == [2, 3, 4, 6]

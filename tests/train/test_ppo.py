@@ -7,6 +7,8 @@ loops, the gradient of the PPO loss through ``model.apply`` logits and a value-h
 """
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +18,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from experiments.configs import ppo as ppo_config
 from prefjax import losses, models
 from prefjax import rollout as rollout_lib
 from prefjax import sharding as shd
-from prefjax.train import common, ppo
+from prefjax.train import common, loop, ppo
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 B, PROMPT, NEW = 16, 6, 5
@@ -416,3 +419,81 @@ def test_critic_lora_and_budget_variants(model, rollout, variant):
         # The adapters' b starts at 0 (policy == base == reference): the KL starts at 0.
         assert metrics["rollout/kl"] == 0.0
         assert float(np.max(np.abs(after.params.weights["layers"]["attn"]["q_proj"]["b"]))) > 0
+
+
+# ------------------------------------------------------------ the KL budget's stop ends the run
+
+
+def test_only_the_budget_stop_sets_a_stop_condition():
+    assert ppo.budget_stop(ppo.PPOHparams(kl_control="fixed")) is None
+    assert ppo.budget_stop(ppo.PPOHparams(kl_control="adaptive")) is None
+    raising = ppo.PPOHparams(kl_control="budget", kl_budget_action="raise")
+    assert ppo.budget_stop(raising) is None  # beta rises; the loop never syncs for a stop
+    stop = ppo.budget_stop(
+        ppo.PPOHparams(kl_control="budget", kl_budget=0.5, kl_budget_action="stop")
+    )
+    assert stop({"kl/over_budget": 0.0, "rollout/kl": 0.4}) is None
+    reason = stop({"kl/over_budget": 1.0, "rollout/kl": 0.75})
+    assert "rollout KL 0.75" in reason and "algorithm.kl_budget=0.5" in reason
+
+
+def _budget_run_config(action):
+    config = ppo_config.get_config("tiny")
+    config.sft_warmup.num_steps = 0
+    config.train.num_steps = 4
+    config.eval.generate = False
+    config.logging.progress = False
+    config.algorithm.kl_control = "budget"
+    config.algorithm.kl_budget = 1e-6
+    config.algorithm.kl_budget_action = action
+    return config
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_kl_budget_stop_ends_the_run_at_the_first_rollout_over_budget(tmp_path, capsys):
+    """Step 1 samples from the initial policy, which *is* the reference: KL exactly 0. Its
+    update moves the policy, so step 2's rollout is over a budget of 1e-6: the run ends there
+    (update dropped, checkpoint, final eval, status "stopped"); a rerun trains nothing."""
+    workdir = str(tmp_path / "run")
+    after = {}
+    hook = lambda step, state, m: after.setdefault(step, jax.device_get(state.params))  # noqa: E731
+    result = loop.run(_budget_run_config("stop"), workdir, ppo, step_hook=hook)
+    assert result.status == "stopped" and result.step == 2
+    assert "algorithm.kl_budget=1e-06" in result.stop_reason
+    assert int(result.state.step) == 2 * 2 * 2  # 2 rollouts x 2 epochs x 2 minibatches
+    out = capsys.readouterr().out
+    assert "stopped at step 2: rollout KL" in out and "resume_with_changes=true" in out
+    recs = _records(workdir)
+    train = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[0]["kl/over_budget"] == 0.0 and train[0]["rollout/kl"] == 0.0
+    assert train[1]["kl/over_budget"] == 1.0 and train[1]["run/stopped"] == 1.0
+    assert [r["step"] for r in recs if r["split"] == "eval"] == [2]
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["1", "2"]
+    meta = json.load(open(os.path.join(ckpts, "2", "meta", "metadata")))
+    assert meta["stop_reason"] == result.stop_reason
+    # The dropped update: the final policy is step 1's, the last within the budget.
+    assert _max_diff(jax.device_get(result.state.params), after[1]) == 0.0
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    assert run["invocations"][-1]["ended"]["step"] == 2
+    assert "stopped at step 2" in open(os.path.join(workdir, "summary.txt")).read()
+
+    # The same command again: the run has ended; nothing is trained, written over or removed.
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    again = loop.run(_budget_run_config("stop"), workdir, ppo)
+    assert again.status == "stopped" and again.step == 2
+    assert again.stop_reason == result.stop_reason
+    assert "this run stopped at step 2" in capsys.readouterr().out
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+    assert sorted(os.listdir(ckpts)) == ["1", "2"]
+    assert json.load(open(os.path.join(workdir, "run.json")))["invocations"][-1]["ended"] == {
+        "status": "stopped",
+        "step": 2,
+        "reason": result.stop_reason,
+        "trained": False,
+    }
