@@ -1,29 +1,35 @@
 r"""Study 1, reward-KL frontiers: ``python -m experiments.studies.frontier [--config=...:full]``.
 
-On the KL-regularised bandit the best expected gold reward any policy reaches at KL ``k`` to the
+Two sections, both run by default (``config.tasks``):
+
+**Bandit** (``config.methods``, ``config.betas``, ``config.offline``, ``config.online``). On the
+KL-regularised bandit the best expected gold reward any policy reaches at KL ``k`` to the
 reference is known in closed form (:func:`frontier_reward_at`): the constrained problem
 :math:`\max_\pi E_\pi[r]` s.t. :math:`KL(\pi\|\pi_{ref}) \le k` is solved by the Gibbs policy
 :math:`\pi^*_\beta \propto \pi_{ref} e^{r/\beta}` whose KL is ``k`` (its Lagrangian), so the exact
 frontier is the curve :math:`\beta \mapsto (KL(\pi^*_\beta\|\pi_{ref}), E_{\pi^*_\beta}[r])`,
 monotone in KL. Every trained policy's point lies on or below it; how far below, at the KL it
-spent, is the method's gap (``gap = frontier reward at its KL - its gold reward``).
+spent, is the method's gap (``gap = frontier reward at its KL - its gold reward``). Each method
+is trained at each ``config.betas`` value and seed, in its own run directory under
+``<workdir>/runs/seed=<s>/<method>/`` (the DPO family's betas as one sweep); the final held-out
+bandit metrics (``eval/gold_reward``: the expected gold reward of the policy over the arms;
+``eval/bandit/kl_to_reference``: its KL over the arms to the initial policy, which is the
+reference) give ``points`` and ``frontier`` (tables).
 
-The study trains each method of ``config.methods`` at each ``config.betas`` value and seed (see
-``experiments/configs/studies/frontier.py``), each in its own run directory under
-``<workdir>/runs/seed=<s>/<method>/`` (the DPO family's betas as one sweep), reads the final
-held-out bandit metrics (``eval/gold_reward``: the expected gold reward of the policy over the
-arms; ``eval/bandit/kl_to_reference``: its KL over the arms to the initial policy, which is the
-reference), and writes ``points``, ``frontier`` (tables), ``frontier.png`` and ``summary.md``.
-Running it again resumes every run (finished ones are only re-evaluated).
+**Sequence task** (``config.sequence``; :mod:`experiments.studies.frontier_sequence`): no closed
+form; per seed one SFT reference shared by every method, each method's betas traced from it (the
+DPO family by one sweep per loss), and each final policy's held-out gold reward against its
+sampled KL to the reference, from the runs' own evaluation: ``sequence_points`` and
+``sequence_references`` (tables).
+
+Both write into ``frontier.png`` (a panel per section) and ``summary.md``. Running the study
+again resumes every run (finished ones are only re-evaluated).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import resource
-import time
 from typing import NamedTuple
 
 import jax
@@ -31,18 +37,17 @@ import ml_collections
 import numpy as np
 from absl import app
 
-from experiments import launch, pipelines
+from experiments import launch
 from experiments.configs import grpo as grpo_config
 from experiments.configs import online_dpo as online_dpo_config
 from experiments.configs import ppo as ppo_config
 from experiments.configs import sweep as sweep_config
 from experiments.configs.studies import frontier as study_config
-from experiments.studies import common
+from experiments.studies import common, frontier_sequence
 from experiments.studies.bandit_frontier import frontier_curve, frontier_reward_at
 from prefjax import data as pdata
 from prefjax import sharding
-from prefjax.train import evaluation, grpo, inputs, online_dpo, ppo, sweep
-from prefjax.train import logging as metric_logging
+from prefjax.train import evaluation, grpo, inputs, online_dpo, ppo
 from prefjax.train import workdir as run_dir
 from prefjax.train.errors import ConfigError
 
@@ -128,44 +133,30 @@ def online_config(config, method: str, seed: int, beta: float) -> ml_collections
 
 def validate(config) -> None:
     """The study's own fields (each run's config is validated by its run)."""
-    common.check_subset("config.methods", config.methods, study_config.METHODS)
+    common.check_subset("config.tasks", config.tasks, study_config.TASKS)
     common.check_seeds("config.seeds", config.seeds)
-    if not config.betas or any(not float(b) > 0 for b in config.betas):
-        raise ConfigError(f"config.betas={tuple(config.betas)}: expected positive values")
+    common.check_subset("config.methods", config.methods, study_config.METHODS)
+    _check_betas("config.betas", config.betas)
     if config.frontier_points < 2:
         raise ConfigError(f"config.frontier_points={config.frontier_points}: need at least 2")
+    s = config.sequence
+    common.check_subset("config.sequence.methods", s.methods, study_config.METHODS)
+    _check_betas("config.sequence.betas", s.betas)
+    counts = {
+        "sft.num_steps": s.sft.num_steps,
+        "offline.num_steps": s.offline.num_steps,
+        "online.num_steps": s.online.num_steps,
+        "max_new_tokens": s.max_new_tokens,
+        "eval.num_samples": s.eval.num_samples,
+    }
+    for field, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.sequence.{field}={value!r}: expected an integer >= 1")
 
 
-def _final_eval(run_path: str) -> dict:
-    """The last held-out record of a run's ``metrics.jsonl``."""
-    records = metric_logging.read_records(os.path.join(run_path, "metrics.jsonl"))
-    evals = [r for r in records if r.get("split") == "eval"]
-    if not evals:
-        raise RuntimeError(f"{run_path}/metrics.jsonl has no held-out evaluation")
-    return evals[-1]
-
-
-def _timed(wd: run_dir.Workdir, key: str, what: str, train):
-    """``(result, cost)`` of ``train()``, a run that must finish; the cost (wall time, peak
-    memory) is kept in ``<workdir>/costs/<key>.json`` so that a resumed study reports the
-    training's cost, not that of its re-evaluation."""
-    path = os.path.join(wd.path, "costs", f"{key}.json")
-    t0 = time.time()
-    result = train()
-    if result.status != "finished":
-        raise RuntimeError(f"{what}: run {result.status}")
-    wd.mark_step()  # the study has results now: a later failure keeps its directory
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"wall_s": time.time() - t0, "peak_rss_mib": _peak_rss_mib()}, f)
-    with open(path) as f:
-        return result, json.load(f)
-
-
-def _peak_rss_mib() -> float:
-    """The process's resident-memory high-water mark (``ru_maxrss``, KiB on Linux), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _check_betas(field: str, betas) -> None:
+    if not betas or any(not float(b) > 0 for b in betas) or len(set(betas)) != len(betas):
+        raise ConfigError(f"{field}={tuple(betas)}: expected distinct positive values")
 
 
 def tokens_per_sequence(bandit, tokenizer) -> int:
@@ -222,51 +213,26 @@ def run_points(config, wd: run_dir.Workdir, bandit) -> tuple[list[dict], dict]:
         per_seq = tokens_per_sequence(bandit, tokenizer)
         for method in config.methods:
             if method in OFFLINE:
-                c = offline_config(config, method, seed)
-                result, cost = _timed(
-                    wd,
-                    f"seed={seed}.{method}",
-                    f"{method} seed={seed}",
-                    functools.partial(sweep.run, c, os.path.join(base, method)),
-                )
-                seqs = c.train.num_steps * c.data.batch_size * 2
-                for member, path in zip(result.group, result.workdirs, strict=True):
-                    m = _final_eval(path)
-                    points.append(
-                        _point(
-                            method,
-                            member.beta,
-                            seed,
-                            m,
-                            cost,
-                            seqs,
-                            per_seq,
-                            bandit,
-                            refs[seed],
-                            share=len(result.group),
-                        )
-                    )
-                continue
-            for beta in config.betas:
-                c = online_config(config, method, seed, beta)
-                path = os.path.join(base, method, f"beta={float(beta):g}")
-                _, module = ONLINE[method]
-                name = f"seed={seed}.{method}.beta={float(beta):g}"
-                _, cost = _timed(
-                    wd, name, name, functools.partial(pipelines.sft_then(module), c, path)
-                )
-                seqs = c.train.num_steps * c.data.batch_size * c.algorithm.num_samples
+                how = dict(sweep_config=offline_config(config, method, seed))
+            else:
+                config_of = functools.partial(online_config, config, method, seed)
+                how = dict(online=(ONLINE[method][1], config_of))
+            key = f"seed={seed}.{method}"
+            for r in common.beta_runs(wd, key, os.path.join(base, method), config.betas, **how):
+                seqs = common.sequences_read(r)
+                metrics = common.final_eval(r.path)
                 points.append(
                     _point(
                         method,
-                        float(beta),
+                        r.beta,
                         seed,
-                        _final_eval(path),
-                        cost,
+                        metrics,
+                        r.cost,
                         seqs,
                         per_seq,
                         bandit,
                         refs[seed],
+                        share=r.share,
                     )
                 )
     return points, refs
@@ -292,31 +258,39 @@ def frontier_rows(config, bandit, refs) -> list[dict]:
 
 def aggregate(points: list[dict]) -> list[dict]:
     """One row per (method, beta): seed means and standard errors."""
-    rows = []
-    keys = sorted({(p["method"], p["beta"]) for p in points}, key=lambda k: (_order(k[0]), k[1]))
-    for method, beta in keys:
-        group = [p for p in points if p["method"] == method and p["beta"] == beta]
-        row = {"method": method, "beta": beta, "seeds": len(group)}
-        for name in ("gold", "kl", "gap"):
-            row[name], row[f"{name}_se"] = common.mean_stderr([p[name] for p in group])
-        for name in ("wall_s", "tokens", "peak_rss_mib"):
-            row[name] = float(np.mean([p[name] for p in group]))
-        rows.append(row)
-    return rows
+    return common.aggregate_points(points, ("gold", "kl", "gap"), _order)
 
 
 def _order(method: str) -> int:
     return study_config.METHODS.index(method)
 
 
-def plot(points: list[dict], curve: list[dict], path: str) -> str:
-    """``frontier.png``: every point against the exact frontier (one curve per seed)."""
+MARKERS = dict(zip(study_config.METHODS, "os^vDP", strict=True))
+
+
+def plot(path: str, bandit=None, sequence=None) -> str:
+    """``frontier.png``: a panel per section, ``bandit=(points, curve)`` (every point against
+    the exact frontier) and ``sequence=(rows, refs)`` (the measured seed means)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    panels = [p for p in (bandit, sequence) if p is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
+    axes = list(axes.flat)
+    if bandit is not None:
+        plot_bandit(axes.pop(0), *bandit)
+    if sequence is not None:
+        frontier_sequence.plot_panel(axes.pop(0), *sequence, MARKERS)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_bandit(ax, points: list[dict], curve: list[dict]) -> None:
+    """The bandit panel: every point against the exact frontier (one curve per seed)."""
     for i, seed in enumerate(sorted({r["seed"] for r in curve})):
         rows = [r for r in curve if r["seed"] == seed]
         label = "exact frontier (pi*_beta)" if i == 0 else None
@@ -331,13 +305,12 @@ def plot(points: list[dict], curve: list[dict], path: str) -> str:
             xytext=(4, -10),
             textcoords="offset points",
         )
-    markers = dict(zip(study_config.METHODS, "os^vDP", strict=True))
     for method in sorted({p["method"] for p in points}, key=_order):
         pts = [p for p in points if p["method"] == method]
         ax.scatter(
             [p["kl"] for p in pts],
             [p["gold"] for p in pts],
-            marker=markers[method],
+            marker=MARKERS[method],
             s=28,
             label=method,
             alpha=0.8,
@@ -348,27 +321,11 @@ def plot(points: list[dict], curve: list[dict], path: str) -> str:
     ax.set_title("bandit: gold reward vs KL, final policies of each beta and seed", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def summary_text(config, rows: list[dict], bandit, refs) -> list[tuple[str, str]]:
-    table = [
-        {
-            "method": r["method"],
-            "beta": f"{r['beta']:g}",
-            "seeds": r["seeds"],
-            "gold": common.fmt_over_seeds(r["gold"], r["gold_se"], r["seeds"]),
-            "KL": common.fmt_over_seeds(r["kl"], r["kl_se"], r["seeds"]),
-            "gap to frontier": common.fmt_over_seeds(r["gap"], r["gap_se"], r["seeds"]),
-            "wall s": f"{r['wall_s']:.1f}",
-            "tokens": f"{r['tokens']:.0f}",
-            "peak RSS MiB": f"{r['peak_rss_mib']:.0f}",
-        }
-        for r in rows
-    ]
+    measured = [("gold", "gold", 3), ("KL", "kl", 3), ("gap to frontier", "gap", 3)]
+    table = [common.point_cells(r, measured) for r in rows]
     cols = list(table[0]) if table else []
     ref_gold = [frontier_reward_at(bandit, ref, 0.0) for ref in refs.values()]
     text = (
@@ -381,37 +338,52 @@ def summary_text(config, rows: list[dict], bandit, refs) -> list[tuple[str, str]
         "tokens of the sequences each run read or sampled; `peak RSS` is the process's "
         "high-water mark after the run."
     )
-    return [("Setup", text), ("Points (final policies)", common.markdown_table(table, cols))]
+    return [
+        ("Bandit: setup", text),
+        ("Bandit: points (final policies)", common.markdown_table(table, cols)),
+    ]
 
 
 class StudyResult(NamedTuple):
-    """What :func:`run` returns: ``status`` (``"finished"``), the workdir, the points and the
-    per-(method, beta) rows of the summary."""
+    """What :func:`run` returns: ``status`` (``"finished"``), the workdir, and per section the
+    points and the per-(method, beta) rows of the summary (empty for a section not run)."""
 
     status: str
     workdir: str
     points: list
     rows: list
+    sequence_points: list
+    sequence_rows: list
 
 
 def run(config, workdir: str) -> StudyResult:
     """The whole study into ``workdir`` (claimed as a ``study_frontier`` run directory)."""
     validate(config)
+    points, rows, seq_points, seq_rows = [], [], [], []
+    sections, panels = [], {}
     with common.claimed_workdir(workdir, NAME, config) as wd:
         workdir = wd.path
-        bandit = pdata.task_from_config(offline_config(config, "dpo", 0).data)
-        points, refs = run_points(config, wd, bandit)
-        common.write_table(workdir, "points", points)
-        curve = frontier_rows(config, bandit, refs)
-        common.write_table(workdir, "frontier", curve)
-        plot(points, curve, os.path.join(workdir, "frontier.png"))
-        rows = aggregate(points)
-        common.write_summary(
-            workdir, "Reward-KL frontiers on the bandit", summary_text(config, rows, bandit, refs)
-        )
+        if "bandit" in config.tasks:
+            bandit = pdata.task_from_config(offline_config(config, "dpo", 0).data)
+            points, refs = run_points(config, wd, bandit)
+            common.write_table(workdir, "points", points)
+            curve = frontier_rows(config, bandit, refs)
+            common.write_table(workdir, "frontier", curve)
+            rows = aggregate(points)
+            sections += summary_text(config, rows, bandit, refs)
+            panels["bandit"] = (points, curve)
+        if "sequence" in config.tasks:
+            seq_points, seq_refs = frontier_sequence.run_points(config, wd)
+            common.write_table(workdir, "sequence_points", seq_points)
+            common.write_table(workdir, "sequence_references", list(seq_refs.values()))
+            seq_rows = frontier_sequence.aggregate(seq_points)
+            sections.append(frontier_sequence.summary_section(config, seq_rows, seq_refs))
+            panels["sequence"] = (seq_rows, seq_refs)
+        plot(os.path.join(workdir, "frontier.png"), **panels)
+        common.write_summary(workdir, "Reward-KL frontiers", sections)
         with open(os.path.join(workdir, "summary.md")) as f:
             print(f.read(), flush=True)
-    return StudyResult("finished", wd.path, points, rows)
+    return StudyResult("finished", wd.path, points, rows, seq_points, seq_rows)
 
 
 main = launch.absl_main(run)

@@ -203,7 +203,8 @@ def token_logprobs(
     top_p: float = 1.0,
     lora: Any = None,
     key: jax.Array | None = None,
-) -> jax.Array:
+    entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Teacher-forced log-probs ``[R, N]`` of response ``tokens`` under the sampling transform.
 
     One forward pass over ``[prompt, response]``; the logits at position ``t`` predict token
@@ -218,9 +219,11 @@ def token_logprobs(
       tokens, response_mask: ``[R, N]``.
       temperature, top_k, top_p: the sampling transform.
       lora: optional adapters; ``key``: PRNG key for LoRA dropout (``None``: off).
+      entropy: also return the entropies ``[R, N]`` of the same (transformed) next-token
+        distributions, from the same logits and without gradient (0 where the mask is 0).
 
     Returns:
-      ``[R, N]`` float32.
+      ``[R, N]`` float32; with ``entropy``, ``(logps, entropies)``.
     """
     ids, attn, _ = sequences((prompt_ids, prompt_mask), tokens, response_mask)
     num_new = tokens.shape[1]
@@ -231,7 +234,11 @@ def token_logprobs(
         logits, temperature=temperature, top_k=top_k, top_p=top_p, keep=tokens
     )
     logps = losses.token_logprobs(logits, tokens)  # [R, N]
-    return jnp.where(response_mask > 0, logps, 0.0)
+    logps = jnp.where(response_mask > 0, logps, 0.0)
+    if not entropy:
+        return logps
+    ent = losses.entropy(jax.lax.stop_gradient(logits))  # [R, N], a reduction XLA fuses
+    return logps, jnp.where(response_mask > 0, ent, 0.0)
 
 
 def _first_match_end(tokens: jax.Array, stop_sequences: tuple) -> jax.Array:

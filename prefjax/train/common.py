@@ -129,8 +129,10 @@ def response_logps(
     lora: Any = None,
     chunk_size: int = 0,
     key: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Summed log-probs of the response tokens and their counts.
+    entropy: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Summed log-probs of the response tokens and their counts (and, with ``entropy``, the
+    policy's summed next-token entropy over them).
 
     Logits at position ``t`` predict token ``t + 1`` (:func:`prefjax.losses.shift_labels`);
     ``loss_mask`` selects the response tokens (EOS included) and acts as a weight
@@ -145,10 +147,15 @@ def response_logps(
       lora: LoRA adapters, or ``None`` for the plain model (the reference under ``lora_base``).
       chunk_size: 0 for full logits, else tokens per chunk.
       key: PRNG key for LoRA dropout (training); ``None`` turns dropout off.
+      entropy: also return ``sum_t H(pi(. | x, y_<t))`` over the response tokens, from the
+        logits the log-probs already use (no gradient; full logits only, ``chunk_size=0``).
 
     Returns:
-      ``(logps [batch] float32, num_tokens [batch] float32)``.
+      ``(logps [batch] float32, num_tokens [batch] float32)``, plus ``entropy [batch]`` float32
+      (nats, summed over the masked tokens) with ``entropy=True``.
     """
+    if entropy and chunk_size:
+        raise ValueError("response_logps(entropy=True) needs the full logits (chunk_size=0)")
     if chunk_size:
         hidden = model.hidden_states(params, input_ids, attention_mask, lora=lora, key=key)
         hidden, labels, mask = losses.shift_labels(hidden, input_ids, loss_mask)
@@ -160,7 +167,13 @@ def response_logps(
         logits = model.apply(params, input_ids, attention_mask, lora=lora, key=key)
         logits, labels, mask = losses.shift_labels(logits, input_ids, loss_mask)
         logps = losses.sequence_logprobs(logits, labels, mask)
-    return logps, jnp.sum(mask.astype(jnp.float32), axis=-1)
+    counts = jnp.sum(mask.astype(jnp.float32), axis=-1)
+    if entropy:
+        # A reduction over the logits already built (XLA fuses it: no second [batch, seq,
+        # vocab] array), outside the gradient.
+        ent = losses.entropy(jax.lax.stop_gradient(logits))  # [batch, seq - 1]
+        return logps, counts, losses.masked_sum(ent, mask, axis=-1)
+    return logps, counts
 
 
 class PackedTokens(NamedTuple):
@@ -231,13 +244,17 @@ def packed_response_logps(
     lora: Any = None,
     chunk_size: int = 0,
     key: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`response_logps` of a packed batch: ``(logps [batch, k], counts [batch, k])``.
+    entropy: bool = False,
+) -> tuple[jax.Array, ...]:
+    """:func:`response_logps` of a packed batch: ``(logps [batch, k], counts [batch, k])``, and
+    with ``entropy`` the summed next-token entropies ``[batch, k]`` (full logits only).
 
     One forward over the ``[rows, row_length]`` rows (attention within segments, per-segment
     positions); token log-probs under the shift convention, kept where the predicting token is
     in the label's segment, summed per segment (``segment_sum``) and laid out ``[batch, k]``.
     """
+    if entropy and chunk_size:
+        raise ValueError("packed_response_logps(entropy=True) needs the full logits (chunk_size=0)")
     ids, seg = tokens.input_ids, tokens.attention_mask
     b, k = tokens.sequence_mask.shape
     pos = tokens.positions
@@ -250,8 +267,15 @@ def packed_response_logps(
         logits = model.apply(params, ids, seg, positions=pos, lora=lora, key=key)
         token_logps = losses.token_logprobs(logits[:, :-1], ids[:, 1:])  # [rows, row_length - 1]
     mask = _packed_shifted_mask(tokens)
-    weighted = jnp.where(mask > 0, token_logps * mask, 0.0)
-    logps = segment_totals(weighted, seg[:, 1:], b * k).reshape(b, k)
+    per_segment = (
+        lambda x: segment_totals(  # noqa: E731
+            jnp.where(mask > 0, x * mask, 0.0), seg[:, 1:], b * k
+        ).reshape(b, k)
+    )
+    logps = per_segment(token_logps)
+    if entropy:  # a reduction over the logits already built, outside the gradient
+        ent = losses.entropy(jax.lax.stop_gradient(logits[:, :-1]))  # [rows, row_length - 1]
+        return logps, packed_token_counts(tokens), per_segment(ent)
     return logps, packed_token_counts(tokens)
 
 

@@ -24,7 +24,10 @@ pairs; KTO: of desirable rewards above 0 and undesirable below); ``logps/chosen`
 ``logps/rejected`` (summed response log-probs under the policy -- watch both fall together, the
 usual DPO failure);
 ``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
-responses); ``length/chosen``, ``length/rejected`` (response tokens); ``length_bias/corr`` (the
+responses); ``length/chosen``, ``length/rejected`` (response tokens); ``entropy/response``
+(the policy's next-token entropy per response token on the batch's responses, nats, from the
+logits the step already builds -- not recorded with ``model.logps_chunk_size``, which never
+builds them); ``length_bias/corr`` (the
 correlation of the reward margin with the chosen-minus-rejected length); with ``rpo_alpha``,
 ``loss/preference`` and ``nll/chosen``; plus the norms and ``train/skipped`` added by
 :func:`prefjax.train.common.make_update`. Train and eval metrics come from the same
@@ -232,16 +235,21 @@ def _pairwise_loss(config: Any, hparams: HParams | None = None) -> Callable[...,
 
 
 def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``policy(params, frozen, tokens, key) -> (logps, counts)`` and ``reference(frozen, batch,
-    tokens) -> logps`` over one ``[batch, k, seq]`` (or ``[batch, seq]``) token triple."""
+    """``policy(params, frozen, tokens, key) -> (logps, counts, entropy)`` and
+    ``reference(frozen, batch, tokens) -> logps`` over one ``[batch, k, seq]`` (or ``[batch,
+    seq]``) token triple; ``entropy`` is the policy's summed next-token entropy over each
+    response's tokens, ``None`` where the full logits are never built (``logps_chunk_size``)."""
     chunk = config.model.logps_chunk_size
     lora = common.uses_lora(config)
     kind = config.algorithm.reference
 
     def policy(params, frozen, tokens, key=None):
+        entropy = not chunk
         if lora:  # ``key`` switches LoRA dropout on (training only)
-            return _logps(model, frozen, tokens, lora=params, chunk_size=chunk, key=key)
-        return _logps(model, params, tokens, chunk_size=chunk)
+            return _logps(
+                model, frozen, tokens, lora=params, chunk_size=chunk, key=key, entropy=entropy
+            )
+        return _logps(model, params, tokens, chunk_size=chunk, entropy=entropy)
 
     def ref(frozen, batch, tokens):
         if kind == "precomputed":
@@ -249,7 +257,7 @@ def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[...
         if kind == "none":
             return jnp.zeros(common.sequence_shape(tokens), jnp.float32)
         # "copy": frozen is the reference; "lora_base": frozen is the base, adapters off.
-        logps, _ = _logps(model, jax.lax.stop_gradient(frozen), tokens, chunk_size=chunk)
+        logps, _, _ = _logps(model, jax.lax.stop_gradient(frozen), tokens, chunk_size=chunk)
         return jax.lax.stop_gradient(logps)
 
     return policy, ref
@@ -266,17 +274,24 @@ def reference_logps(model: Any, config: Any) -> Callable[[Any, Batch], jax.Array
     return lambda frozen, batch: ref(frozen, batch, common.batch_tokens(batch))
 
 
-def _logps(model: Any, params: Any, tokens: tuple, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
-    """Summed response log-probs and token counts with the tokens' leading shape (``[batch, k]``
-    for packed tokens)."""
+def _logps(
+    model: Any, params: Any, tokens: tuple, *, entropy: bool = False, **kwargs: Any
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Summed response log-probs, token counts and (``entropy``: full logits only) summed
+    next-token entropies, with the tokens' leading shape (``[batch, k]`` for packed tokens);
+    the entropy is ``None`` without ``entropy``."""
     if isinstance(tokens, common.PackedTokens):
-        return common.packed_response_logps(model, params, tokens, **kwargs)
+        out = common.packed_response_logps(model, params, tokens, entropy=entropy, **kwargs)
+        return out if entropy else (*out, None)
     if tokens[0].ndim == 2:
-        return common.response_logps(model, params, *tokens, **kwargs)
+        out = common.response_logps(model, params, *tokens, entropy=entropy, **kwargs)
+        return out if entropy else (*out, None)
     k = tokens[0].shape[1]
     flat = (common.flatten_responses(x) for x in tokens)  # [batch, k, seq] -> [k * batch, seq]
-    logps, counts = common.response_logps(model, params, *flat, **kwargs)
-    return common.unflatten_responses(logps, k), common.unflatten_responses(counts, k)
+    out = common.response_logps(model, params, *flat, entropy=entropy, **kwargs)
+    # [k * batch] -> [batch, k] each
+    out = tuple(common.unflatten_responses(x, k) for x in out)
+    return out if entropy else (*out, None)
 
 
 # The policy and reference passes are one jitted program but not one numeric path: the policy's
@@ -319,6 +334,16 @@ def _denominators(batch: Batch) -> Mapping[str, jax.Array]:
 def _stat(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sum of x * w, sum of w)``: one metric's :data:`~prefjax.train.common.Stats` entry."""
     return jnp.sum(x.astype(jnp.float32) * w), jnp.sum(w)
+
+
+def _entropy_stat(entropy: jax.Array | None, counts: jax.Array, w: jax.Array) -> Stats:
+    """``entropy/response``: the policy's mean next-token entropy per response token (nats)
+    over the ``[batch, k]`` responses of the examples weighted ``w [batch]``; nothing when the
+    forward built no full logits."""
+    if entropy is None:
+        return {}
+    w = w[:, None] if entropy.ndim == 2 else w
+    return {"entropy/response": (jnp.sum(entropy * w), jnp.sum(counts * w))}
 
 
 def finalize(stats: Stats) -> Metrics:
@@ -383,7 +408,7 @@ def _pairwise_objective(
     def fn(params, batch, frozen, key, denominators):
         w = common.example_weights(batch)
         tokens = common.batch_tokens(batch)  # [batch, 2, seq], or packed rows
-        logps, counts = policy(params, frozen, tokens, key)  # [batch, 2]
+        logps, counts, entropy = policy(params, frozen, tokens, key)  # [batch, 2]
         refs = ref(frozen, batch, tokens)  # [batch, 2]
         avg = safe_div(logps, counts)  # per-token log-probs
         extra: Stats = {}
@@ -413,7 +438,7 @@ def _pairwise_objective(
         stats = _pair_stats(rewards, logps, refs, counts, w, tie)
         if name in REFERENCE_FREE:
             del stats["kl/logratio"]  # no reference: nothing to compare with
-        return loss, {**stats, **extra}
+        return loss, {**stats, **extra, **_entropy_stat(entropy, counts, w)}
 
     return fn
 
@@ -427,7 +452,7 @@ def _listwise_objective(
     def fn(params, batch, frozen, key, denominators):
         w = common.example_weights(batch)
         tokens = common.batch_tokens(batch)  # [batch, k, seq], or packed rows
-        logps, counts = policy(params, frozen, tokens, key)  # [batch, k]
+        logps, counts, entropy = policy(params, frozen, tokens, key)  # [batch, k]
         refs = ref(frozen, batch, tokens)
         mask = batch["response_mask"].astype(jnp.float32)
         out = losses.listwise_dpo_loss(logps, refs, beta=beta, mask=mask)
@@ -442,7 +467,8 @@ def _listwise_objective(
         # float32 rounding, as at policy == reference) counting one half, as for pairs.
         tie = tie_tolerance(beta, size[:, :, None], size[:, None, :])  # [batch, k, k]
         stats["rewards/accuracy"] = _stat(common.ranking_accuracy(rewards, mask, tie), w)
-        return loss, stats
+        valid = None if entropy is None else entropy * mask  # the row's real responses only
+        return loss, {**stats, **_entropy_stat(valid, counts * mask, w)}
 
     return fn
 
@@ -506,7 +532,7 @@ def _kto_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, St
             jnp.concatenate([x, y], 0)
             for x, y in zip(tokens, mismatched_pairs(*tokens), strict=True)
         )
-        logps, counts = policy(params, frozen, both, key)
+        logps, counts, entropy = policy(params, frozen, both, key)
         ref_logps = ref(frozen, batch, both)
         pol, pol_kl = logps[:num], logps[num:]
         rl, rl_kl = ref_logps[:num], ref_logps[num:]
@@ -530,6 +556,8 @@ def _kto_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, St
             "kl/logratio": _stat(pol - rl, w),
             "length/chosen": _stat(counts[:num], good),
             "length/rejected": _stat(counts[:num], bad),
+            # On the examples' own responses (the first half), not the mismatched ones.
+            **_entropy_stat(None if entropy is None else entropy[:num], counts[:num], w),
         }
         return loss, stats
 

@@ -436,8 +436,9 @@ GATE_KEYS: dict[str, tuple[str, ...]] = {
         "kl/sequence",
         "eval/kl/logratio",
     ),
-    # Mean per-token entropy of the policy on its own samples (PPO's rollouts).
-    "entropy": ("eval/rollout/entropy", "rollout/entropy", "ppo/entropy"),
+    # Mean per-token entropy of the policy: on its own samples (PPO's and GRPO's rollouts), else
+    # on the batch's responses (the DPO family; online DPO's are its sampled pairs).
+    "entropy": ("eval/rollout/entropy", "rollout/entropy", "ppo/entropy", "entropy/response"),
     # Mean response length in tokens: sampled and greedy held-out responses, rollouts.
     "length": (
         "eval/length/sampled",

@@ -32,7 +32,9 @@ so the update is on-policy: ratio 1, clip fraction 0, approx-KL 0 up to float ro
 Metrics: ``loss``; ``policy/clipfrac``, ``policy/ratio``, ``policy/approx_kl``
 (:math:`\tfrac12(\log\rho)^2` per token, old vs new), ``kl/ref`` (per-token k3 to the reference),
 ``kl/sequence`` (summed k1 of the sampled responses), ``advantages/mean``, ``advantages/abs``,
-``rewards/mean`` (after the KL in the reward), ``groups/kept_fraction``, the ``rollout/...``
+``rewards/mean`` (after the KL in the reward), ``groups/kept_fraction``, ``rollout/entropy``
+(the policy's per-token entropy along the rollout, under the sampling transform, as PPO logs
+it), the ``rollout/...``
 metrics and timings of :mod:`prefjax.train.online`, and the norms of
 :func:`prefjax.train.common.make_update`.
 """
@@ -143,7 +145,8 @@ def tied_groups(scores: jax.Array, group_size: int) -> jax.Array:
 
 
 def _logps(model, config, params, frozen, batch, key=None):
-    """Trainer log-probs ``[R, N]`` of the rollout tokens (the sampler's function)."""
+    """Trainer log-probs ``[R, N]`` of the rollout tokens (the sampler's function) and the
+    policy's entropies ``[R, N]`` there (no gradient)."""
     base, lora = online.policy_of(params, frozen, common.uses_lora(config))
     return rollout.token_logprobs(
         model,
@@ -154,6 +157,7 @@ def _logps(model, config, params, frozen, batch, key=None):
         batch["response_mask"],
         lora=lora,
         key=key,
+        entropy=True,
         **online.transform_of(config),
     )
 
@@ -223,7 +227,7 @@ def objective(model: Any, config: Any) -> Objective:
     eps_low, eps_high = float(algo.epsilon_low), float(algo.epsilon_high)
 
     def fn(params, batch, frozen, key, denominators):
-        logps = _logps(model, config, params, frozen, batch, key)  # [r, N]
+        logps, entropy = _logps(model, config, params, frozen, batch, key)  # [r, N] each
         keep = batch["row_weights"]
         m = (batch["response_mask"] > 0) & (keep[:, None] > 0)
         old = batch["old_logprobs"]
@@ -263,6 +267,8 @@ def objective(model: Any, config: Any) -> Objective:
             "advantages/abs": (jnp.sum(jnp.abs(batch["advantages"]) * keep), rows),
             "rewards/mean": (jnp.sum(batch["rewards"] * keep), rows),
             "groups/kept_fraction": (rows, jnp.sum(batch["weights"].astype(jnp.float32))),
+            # The policy's next-token entropy along its own samples, per token (PPO's name).
+            "rollout/entropy": (losses.masked_sum(entropy, m), tokens),
         }
         return total / denominators["loss"], stats
 

@@ -1,9 +1,28 @@
+import contextlib
 import csv
+import os
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from experiments.studies import common
+
+
+@contextlib.contextmanager
+def compilation_cache(tmp_path_factory):
+    """The session's persistent compilation cache (as ``tests/experiments/test_launchers.py``'s
+    ``_compilation_cache`` fixture sets it) for a module-scoped study run: later launcher and
+    study tests reuse what it compiled."""
+    old_dir, old_argv = jax.config.jax_compilation_cache_dir, list(sys.argv)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "xla_cache")
+    try:
+        yield
+    finally:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+        jax.config.update("jax_compilation_cache_dir", old_dir)
+        sys.argv = old_argv
 
 
 def test_table_round_trips_and_csv_has_the_union_of_columns(tmp_path):

@@ -8,13 +8,15 @@ import pytest
 from experiments import launch as launch_module
 from experiments.studies import common
 from tests.experiments.test_launchers import launch
+from tests.experiments.test_study_common import compilation_cache
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("diversity") / "study")
     argv = [f"--workdir={workdir}", "--config=experiments/configs/studies/diversity.py:tiny"]
-    assert launch("experiments.studies.diversity", argv) is None
+    with compilation_cache(tmp_path_factory):  # the session's: shared with the other studies
+        assert launch("experiments.studies.diversity", argv) is None
     return workdir
 
 

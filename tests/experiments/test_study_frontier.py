@@ -8,9 +8,11 @@ import pytest
 
 from experiments.configs.studies import frontier as study_config
 from experiments.studies import bandit_frontier as frontier
-from experiments.studies import common
+from experiments.studies import common, gate
 from prefjax import data as pdata
-from tests.experiments.test_launchers import _compilation_cache, launch  # noqa: F401
+from prefjax.train import evaluation
+from tests.experiments.test_launchers import launch
+from tests.experiments.test_study_common import compilation_cache
 
 # The frontier bound is a theorem, not an approximation: F(k) is the maximum of E_pi[r] over
 # every distribution on the arms with KL(pi || pi_ref) <= k, reached by pi*_beta (the maximiser of
@@ -58,14 +60,46 @@ def test_no_policy_beats_the_exact_frontier(num_prompts):
     assert max(near) < 0.01
 
 
+# The :tiny preset through the launcher, both sections in one call, with fewer runs than the
+# preset (every run costs its own compilations): the bandit at one beta (every method), the
+# sequence task with DPO (one sweep), PPO and RLOO at both betas.
+BANDIT_BETAS = (0.25,)
+SEQUENCE_METHODS = ("dpo", "ppo", "rloo")
+ARGV = [f"--config.betas={BANDIT_BETAS}", f"--config.sequence.methods={SEQUENCE_METHODS}"]
+# How much more KL the smaller beta spends than the larger one after the :tiny budget (nats per
+# response; measured at seeds 0 / 1 / 2: DPO 8.2 / 5.2 / 2.8, PPO 1.76 / 0.95 / 0.57, RLOO
+# 0.46 / 0.56 / 1.35), and the least gold gain over the reference at the smaller beta of the
+# methods trained on the gold reward (PPO +0.051 / +0.078 / +0.093, RLOO +0.092 / +0.093 / +0.040;
+# 128 samples: a standard error of about 0.025 each). Plain DPO does not gain at this budget: it
+# spends 4-8.5 nats and its samples' gold reward falls or stays (docs/studies.md, section 1).
+KL_GAP = {"dpo": 1.0, "ppo": 0.3, "rloo": 0.2}
+GOLD_GAIN = {"ppo": 0.02, "rloo": 0.02}
+
+
+def tiny_config():
+    config = study_config.get_config("tiny")
+    config.betas = BANDIT_BETAS
+    config.sequence.methods = SEQUENCE_METHODS
+    return config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The study through the launcher (:data:`ARGV`), once for the module's tests."""
+    workdir = str(tmp_path_factory.mktemp("frontier") / "study")
+    with compilation_cache(tmp_path_factory):
+        argv = [f"--workdir={workdir}", *ARGV]
+        assert launch("experiments.studies.frontier", argv) is None  # exit status 0
+    return workdir
+
+
 @pytest.mark.slow
-def test_tiny_study_puts_every_method_on_or_below_the_frontier(tmp_path):
-    workdir = str(tmp_path / "study")
-    assert launch("experiments.studies.frontier", [f"--workdir={workdir}"]) is None  # status 0
+def test_tiny_study_puts_every_method_on_or_below_the_frontier(study):
+    workdir = study
     for name in ("points.jsonl", "points.csv", "frontier.jsonl", "frontier.csv", "summary.md"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert os.path.getsize(os.path.join(workdir, "frontier.png")) > 10_000
-    config = study_config.get_config("tiny")
+    config = tiny_config()
     points = common.read_table(os.path.join(workdir, "points.jsonl"))
     curve = common.read_table(os.path.join(workdir, "frontier.jsonl"))
     n = len(config.betas) * len(config.seeds)
@@ -95,3 +129,40 @@ def test_tiny_study_puts_every_method_on_or_below_the_frontier(tmp_path):
             # Every method moved up from the reference (whose reward is F(0)) at this seed.
             assert p["gold"] > ref_gold + 0.02, label
             assert p["wall_s"] > 0 and p["tokens"] > 0 and p["peak_rss_mib"] > 0, label
+
+
+@pytest.mark.slow
+def test_tiny_study_traces_every_sequence_method_by_its_beta(study):
+    workdir = study
+    for name in ("sequence_points.jsonl", "sequence_points.csv", "sequence_references.jsonl"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert "## Sequence task" in open(os.path.join(workdir, "summary.md")).read()
+    config = tiny_config()
+    s = config.sequence
+    points = common.read_table(os.path.join(workdir, "sequence_points.jsonl"))
+    refs = common.read_table(os.path.join(workdir, "sequence_references.jsonl"))
+    refs = {r["seed"]: r for r in refs}
+    small, large = min(s.betas), max(s.betas)
+    for seed in config.seeds:
+        for method in s.methods:
+            pts = {p["beta"]: p for p in points if p["method"] == method and p["seed"] == seed}
+            assert sorted(pts) == sorted(s.betas), method
+            label = f"{method} seed={seed}"
+            for p in pts.values():
+                # Every run starts from the seed's SFT reference: its step-0 evaluation is the
+                # reference's (KL 0, the SFT run's own held-out gold reward, the same samples).
+                assert p["ref_kl"] == pytest.approx(0.0, abs=1e-4), label
+                assert p["ref_gold"] == pytest.approx(refs[seed]["gold"], abs=1e-4), label
+                assert p["wall_s"] > 0 and p["tokens"] > 0 and p["peak_rss_mib"] > 0, label
+            # The key direction: the weaker the KL regularisation, the farther from the
+            # reference each method's sweep goes.
+            assert pts[small]["kl"] > pts[large]["kl"] + KL_GAP[method], label
+            # ... and what that KL buys the methods trained on the gold reward: more of it.
+            if method in GOLD_GAIN:
+                assert pts[small]["gold"] > pts[small]["ref_gold"] + GOLD_GAIN[method], label
+        # The release gate's entropy check runs on a DPO-family run and an RLOO run (their
+        # train records carry the policy entropy), not "n/a".
+        for method in ("dpo", "rloo"):
+            run = next(p["run"] for p in points if p["method"] == method and p["seed"] == seed)
+            report = evaluation.release_gate(gate.read_run(os.path.join(workdir, run)))
+            assert report.check("entropy").status != "n/a", method

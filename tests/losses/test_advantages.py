@@ -55,7 +55,7 @@ def _mid_row_dones(rng, mask, per_row=2):
     ],
     ids=["llm-default", "bootstrap", "bootstrap+dones", "dones"],
 )
-@pytest.mark.parametrize("algorithm", ["scan", "associative"])
+@pytest.mark.parametrize("algorithm", ["scan", "associative", "chunked"])
 def test_gae_matches_loop_reference_under_jit(layout, gamma, lam, bootstrap, with_dones, algorithm):
     # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), so a failure would not
     # reproduce.
@@ -296,26 +296,47 @@ def test_gae_vmap_and_eager_agree_with_jit():
     st.sampled_from(["holes", "right", "left"]),
     st.sampled_from([1, 5, 16, 63]),  # seq (few shapes: few compilations)
     st.booleans(),  # dones inside rows
+    st.sampled_from(["associative", "chunked"]),
 )
-def test_gae_associative_scan_equals_the_reverse_scan(seed, gamma, lam, layout, seq, with_dones):
-    """The parallel form (lax.associative_scan) equals the reference reverse scan to float32
-    rounding on ragged masks and episode boundaries, for GAE and the discounted returns."""
+def test_gae_parallel_forms_equal_the_reverse_scan(
+    seed, gamma, lam, layout, seq, with_dones, algorithm
+):
+    """The parallel forms (lax.associative_scan; chunks solved side by side, then their
+    boundaries) equal the reference reverse scan to float32 rounding on ragged masks and episode
+    boundaries, for GAE and the discounted returns."""
     rewards, values, mask = _random_case(seed, batch=4, seq=seq, layout=layout)
     rng = np.random.default_rng(seed)
     dones = _mid_row_dones(rng, mask) if with_dones else None
     boot = rng.normal(size=4).astype(np.float32)
     kw = dict(gamma=gamma, lam=lam, bootstrap_value=boot, dones=dones)
     scan = _gae_jit(rewards, values, mask, **kw)
-    parallel = _gae_jit(rewards, values, mask, algorithm="associative", **kw)
+    parallel = _gae_jit(rewards, values, mask, algorithm=algorithm, **kw)
     for a, b in zip(scan, parallel, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
     kw.pop("lam")
     np.testing.assert_allclose(
-        discounted_returns(rewards, mask, algorithm="associative", **kw),
+        discounted_returns(rewards, mask, algorithm=algorithm, **kw),
         discounted_returns(rewards, mask, **kw),
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8, 64])
+def test_gae_chunked_any_chunk_size_equals_the_reverse_scan(chunk_size):
+    """Chunks of 1 (every token its own chunk), sizes that leave a padded tail chunk (3, 8 of
+    seq 21), and one chunk longer than the rows (64): the same advantages, with episode ends
+    and a bootstrap, and a chunk boundary falling inside masked runs and right after a done."""
+    rewards, values, mask = _random_case(7, batch=5, seq=21, layout="holes")
+    rng = np.random.default_rng(7)
+    dones = _mid_row_dones(rng, mask)
+    kw = dict(gamma=0.97, lam=0.9, bootstrap_value=rng.normal(size=5), dones=dones)
+    ref = gae(rewards, values, mask, **kw)
+    got = gae(rewards, values, mask, algorithm="chunked", chunk_size=chunk_size, **kw)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gae(rewards, values, mask, algorithm="chunked", chunk_size=0, **kw)
 
 
 def test_gae_rejects_an_unknown_algorithm():

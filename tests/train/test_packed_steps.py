@@ -146,7 +146,7 @@ def test_cross_segment_attention_would_be_caught(tiny_models):
     ds = random_dataset("pairwise", seed=3)
     padded, packed = batches(ds)
     tokens = common.batch_tokens(packed)
-    want, _ = dpo._logps(model, model.params, common.batch_tokens(padded))
+    want, _, _ = dpo._logps(model, model.params, common.batch_tokens(padded))
     got, _ = common.packed_response_logps(model, model.params, tokens)
     np.testing.assert_allclose(got, want, **TOL)
     merged = tokens._replace(attention_mask=(tokens.attention_mask > 0).astype(jnp.int32))

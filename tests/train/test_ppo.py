@@ -454,7 +454,22 @@ def _records(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_kl_budget_stop_ends_the_run_at_the_first_rollout_over_budget(tmp_path, capsys):
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent compilation cache for the test's runs: the rerun builds the same model, state
+    and steps again and loads them instead of compiling them a second time."""
+    old_dir = jax.config.jax_compilation_cache_dir
+    old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+
+
+def test_kl_budget_stop_ends_the_run_at_the_first_rollout_over_budget(
+    tmp_path, capsys, compilation_cache
+):
     """Step 1 samples from the initial policy, which *is* the reference: KL exactly 0. Its
     update moves the policy, so step 2's rollout is over a budget of 1e-6: the run ends there
     (update dropped, checkpoint, final eval, status "stopped"); a rerun trains nothing."""
