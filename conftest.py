@@ -32,28 +32,28 @@ import prefjax  # noqa: E402
 # ``pytest -n 2`` hands each worker whole files (``--dist loadfile`` in setup.cfg), by default
 # those with the most tests first, which left the few-test, minute-long launcher and subprocess
 # files for the end: one worker ran them while the other had nothing left. These files go first,
-# longest first (wall seconds of the file alone on 2 busy shared CPU cores, about twice CI's;
-# the unnumbered ones placed by CI's durations); the others follow, most tests first as before
-# (``--no-loadscope-reorder`` makes xdist keep this order).
+# longest first (CPU seconds of the file's tests in one process, children included, about CI's
+# wall seconds; the unnumbered ones placed by CI's durations); the others follow, most tests
+# first as before (``--no-loadscope-reorder`` makes xdist keep this order).
 LONGEST_FILES = (
-    "tests/experiments/test_own_data.py",  # 320 s
-    "tests/train/test_faults.py",  # 180 s
+    "tests/train/test_faults.py",  # 115 s
+    "tests/experiments/test_own_data.py",  # 110 s
+    "tests/train/test_grpo.py",  # 95 s
     "tests/experiments/test_study_overoptimisation.py",
     "tests/experiments/test_study_frontier.py",
-    "tests/train/test_grpo.py",  # 135 s
-    "tests/test_notebooks.py",  # 130 s
-    "tests/experiments/test_ppo_launcher.py",  # 127 s
+    "tests/test_notebooks.py",  # 68 s
+    "tests/experiments/test_ppo_launcher.py",  # 66 s
+    "tests/train/test_online_dpo.py",  # 66 s
+    "tests/experiments/test_launchers.py",  # 65 s
     "tests/train/test_ppo.py",
     "tests/train/test_loop.py",
-    "tests/experiments/test_launchers.py",  # 110 s
-    "tests/train/test_online_dpo.py",  # 104 s
-    "tests/experiments/test_sweep_launcher.py",  # 96 s
+    "tests/experiments/test_sweep_launcher.py",  # 60 s
+    "tests/train/test_multiprocess.py",  # 54 s
     "tests/experiments/test_study_dpo_dynamics.py",
     "tests/experiments/test_study_diversity.py",
-    "tests/experiments/test_online_launchers.py",  # 78 s
-    "tests/train/test_multiprocess.py",  # 74 s
-    "tests/experiments/test_launch_errors.py",  # 66 s
-    "tests/train/test_sweep.py",  # 53 s
+    "tests/experiments/test_online_launchers.py",  # 45 s
+    "tests/train/test_sweep.py",  # 42 s
+    "tests/experiments/test_launch_errors.py",  # 16 s
 )
 
 
