@@ -11,7 +11,7 @@ import pytest
 
 from experiments import launch as launch_module
 from prefjax.data import DataError
-from tests.experiments.test_launchers import SMALL, launch
+from tests.experiments.test_launchers import SMALL, _compilation_cache, launch  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
