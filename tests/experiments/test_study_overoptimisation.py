@@ -120,7 +120,7 @@ def tiny_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("overopt") / "run")
     with compilation_cache(tmp_path_factory):
         # The :tiny preset with shorter proxies and PPO runs (what the test asserts holds at any
-        # length: 70 s instead of 95 s of CPU on 2 cores).
+        # length; the file's CPU time 92 s instead of 99 s on 2 loaded cores).
         argv = [f"--workdir={workdir}", "--config.logging.progress=False", *SHORTER]
         study = _import_study(argv)
         flags.FLAGS(sys.argv)
