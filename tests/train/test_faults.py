@@ -606,6 +606,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(
     )
 
 
+@pytest.mark.slow  # it reads the trials' tallies, so it runs where they run
 def test_kill_point_coverage():
     """The totals over the trials (printed with -s); meaningful only when all of them ran."""
     lines = [f"trials: {TALLY['trials']} ({', '.join(TRIALS_RUN)})"]

@@ -201,7 +201,7 @@ def test_invalid_prm_configs_name_the_field(overrides, field):
 # --------------------------------------------------------------------------------------------
 # Training on the built-in arithmetic task, then PRM-scored best-of-N
 # --------------------------------------------------------------------------------------------
-TRAIN_STEPS = 150
+TRAIN_STEPS = 300
 TRAIN_SEQ = 24  # prompt (7) + at most 6 steps of 2 tokens + EOS
 TRAIN_BATCH = 64
 WARMUP = 10
@@ -254,7 +254,8 @@ def test_training_raises_held_out_step_accuracy_and_auc(trained):
     assert before["steps/accuracy"] <= max(base, 1 - base) + 0.02
     # Measured after 150 steps, seed 0 (seed 1): accuracy 0.81 (0.92), AUC 0.88 (0.94), outcome
     # accuracy 0.76 (0.93), loss 0.73 -> 0.53 (0.93 -> 0.26); untrained: accuracy 0.59 = base,
-    # AUC 0.42, outcome 0.46. The thresholds leave room for other platforms' rounding.
+    # AUC 0.42, outcome 0.46. The fixture trains 300 steps (for the best-of-N test below), which
+    # only moves these further past the thresholds.
     assert after["steps/accuracy"] > base + 0.12, after
     assert after["steps/auc"] > 0.8, after
     assert after["steps/outcome_accuracy"] > before["steps/outcome_accuracy"] + 0.15, after
@@ -266,7 +267,10 @@ def test_prm_scored_best_of_n_beats_the_average_sample(trained):
     """Best-of-8 by the PRM source (min and product aggregation) over the task's base responses
     to held-out prompts: the picked responses' gold reward is well above the mean sample's, near
     the oracle's."""
-    task, prompts, model, params = (trained[k] for k in ("task", "prompts", "model", "params"))
+    task, model, params = (trained[k] for k in ("task", "model", "params"))
+    # Four independent candidate sets per held-out prompt: 40 best-of-8 picks, not 10, so the
+    # mean over picks is not one unlucky prompt's.
+    prompts = list(trained["prompts"]) * 4
     n, rng = 8, np.random.default_rng(5)
     candidates = [[task.sample_steps(rng, p) for _ in range(n)] for p in prompts]
     # A Rollout as the sampler returns it: prompts left-padded, responses right-padded.
@@ -297,8 +301,9 @@ def test_prm_scored_best_of_n_beats_the_average_sample(trained):
         picked = rewards.sample_best_of_n(sampler, source, None, None, None, None, n)
         best = gold[np.arange(len(prompts)), np.asarray(picked.index) % n]
         np.testing.assert_allclose(np.asarray(rewards.GoldReward(task, TOK)(picked.rollout)), best)
-        # Measured (150 training steps): picked 0.81 (min) vs the mean sample 0.61, the oracle
-        # 1.0; after 300 steps 0.95 (min) / 0.91 (product).
+        # Measured after the fixture's 300 steps: picked 0.88 (min) / 0.86 (product) vs the mean
+        # sample 0.61, the oracle 1.0. (After 150 steps the picks were 0.69-0.81 depending on the
+        # installed versions' rounding: too close to the threshold, hence 300.)
         assert best.mean() > gold.mean() + 0.1, (aggregation, best.mean(), gold.mean())
         assert best.mean() > 0.7 * gold.max(1).mean(), (aggregation, gold.max(1).mean())
 
