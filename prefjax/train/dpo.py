@@ -282,15 +282,13 @@ def _logps(
     the entropy is ``None`` without ``entropy``."""
     if isinstance(tokens, common.PackedTokens):
         out = common.packed_response_logps(model, params, tokens, entropy=entropy, **kwargs)
-        return out if entropy else (*out, None)
-    if tokens[0].ndim == 2:
+    elif tokens[0].ndim == 2:
         out = common.response_logps(model, params, *tokens, entropy=entropy, **kwargs)
-        return out if entropy else (*out, None)
-    k = tokens[0].shape[1]
-    flat = (common.flatten_responses(x) for x in tokens)  # [batch, k, seq] -> [k * batch, seq]
-    out = common.response_logps(model, params, *flat, entropy=entropy, **kwargs)
-    # [k * batch] -> [batch, k] each
-    out = tuple(common.unflatten_responses(x, k) for x in out)
+    else:
+        k = tokens[0].shape[1]
+        flat = (common.flatten_responses(x) for x in tokens)  # [batch, k, seq] -> [k * batch, seq]
+        out = common.response_logps(model, params, *flat, entropy=entropy, **kwargs)
+        out = tuple(common.unflatten_responses(x, k) for x in out)  # [k * batch] -> [batch, k]
     return out if entropy else (*out, None)
 
 
