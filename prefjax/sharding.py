@@ -18,6 +18,9 @@ Conventions:
 * A mesh axis is used at most once per array (first dimension wins, as in ``flax.linen``).
 * A dimension whose size is not divisible by its mesh axes is replicated instead (a tiny model's
   259-token byte vocabulary cannot be split 8 ways); :func:`logical_to_spec` records the fallback.
+* Activations: inside a jitted step (:func:`with_activation_sharding`) the models' residual stream
+  is split by rows over ``("data", "fsdp")`` (:data:`ACTIVATION_RULES`), whatever the order the
+  step put its rows in; XLA gathers each FSDP-split weight where it is used.
 
 Example (8 devices: 2-way data parallel x 4-way FSDP)::
 
@@ -28,6 +31,8 @@ Example (8 devices: 2-way data parallel x 4-way FSDP)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -71,6 +77,10 @@ TENSOR_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
 )
 REPLICATED_RULES: tuple[tuple[str, Any], ...] = ()
+
+# The activations' one logical axis (``prefjax.models.transformer.BATCH``): the rows of a forward
+# pass, split as the batch is.
+ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (("batch", BATCH_AXES),)
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -422,6 +432,40 @@ def sharded_init(
     axes = param_axes(shapes) if callable(param_axes) else param_axes
     shardings = param_shardings(mesh, axes, shapes, rules)
     return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None):
+    """While a step for ``mesh`` is traced: the models' row constraints split the rows as the batch.
+
+    The models mark the residual stream's leading axis with the logical name ``"batch"``
+    (``nn.with_logical_constraint``); inside this context it resolves by
+    :data:`ACTIVATION_RULES` on ``mesh``'s abstract mesh, so every device computes its own rows.
+    With no mesh, or batch axes of size 1, it does nothing: no rule names ``"batch"`` and a
+    single-device step is traced exactly as before.
+    """
+    if mesh is None or data_parallel_size(mesh) == 1:
+        yield
+        return
+    with (
+        jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+        nn.logical_axis_rules(ACTIVATION_RULES),
+    ):
+        yield
+
+
+def with_activation_sharding(mesh: Mesh | None, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` traced inside :func:`activation_sharding` of ``mesh`` (wrap a step before ``jit``).
+
+    Every jitted train and eval step of :mod:`prefjax.train` is wrapped so.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with activation_sharding(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def tree_specs(tree: Any) -> Any:

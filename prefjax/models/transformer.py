@@ -272,6 +272,17 @@ def cached_attention(
 # ------------------------------------------------------------------------------------------------
 # Layers.
 
+# The one logical name of an activation axis: the rows of a forward pass. Outside a sharded step
+# no rule names it and the constraint is nothing; inside one (``prefjax.sharding.
+# activation_sharding``) it maps to the batch's mesh axes, so XLA keeps the residual stream split
+# by rows instead of following the parameters' ``embed`` split into the activations.
+BATCH = "batch"
+
+
+def split_rows(x: jax.Array) -> jax.Array:
+    """``x`` with its leading (row) axis constrained to the ``"batch"`` rule's mesh axes."""
+    return nn.with_logical_constraint(x, (BATCH,) + (None,) * (x.ndim - 1))
+
 
 def _activation(name: str):
     return {
@@ -545,6 +556,7 @@ class Block(nn.Module):
     def __call__(self, carry, layer_xs, positions, attention_mask, cache_meta):
         cfg = self.config
         x, kv = carry
+        x = split_rows(x)  # [B, T, D]
         layer, window = layer_xs  # this layer's index and window size
         layer_cache = None if kv is None else (*kv, layer)
         attn_out, kv = Attention(cfg, self.lora, self.deterministic, name="attn")(
@@ -664,10 +676,13 @@ class Transformer(nn.Module):
     def trunk(self, input_ids, attention_mask, positions, cache: KVCache | None = None):
         """Final hidden states ``[B, T, D]`` (after the final norm) and the updated cache."""
         cfg = self.config
+        input_ids, attention_mask, positions = map(
+            split_rows, (input_ids, attention_mask, positions)
+        )
         x = self.embed(input_ids)
         if cfg.position == "learned":
             x = x + self.pos_embed(jnp.clip(positions, 0, cfg.max_positions - 1))
-        x = x.astype(cfg.dtype)
+        x = split_rows(x.astype(cfg.dtype))  # [B, T, D]
         windows = cfg.layer_windows()
         windows = None if windows is None else jnp.asarray(windows, jnp.int32)  # [L]
         if cache is None:

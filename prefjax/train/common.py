@@ -578,13 +578,13 @@ def jit_steps(
     batch_shard = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
     repl = shd.replicated(mesh)
     jit_train = jax.jit(
-        train_step,
+        shd.with_activation_sharding(mesh, train_step),
         in_shardings=(state_shard, batch_shard, frozen_shard, repl),
         out_shardings=(state_shard, repl),
         donate_argnums=0,
     )
     jit_eval = jax.jit(
-        eval_step,
+        shd.with_activation_sharding(mesh, eval_step),
         in_shardings=(state_shard.params, batch_shard, frozen_shard),
         out_shardings=repl,
     )

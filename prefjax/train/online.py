@@ -382,7 +382,7 @@ def jit_update(base: Setup, update: Callable[..., Any]) -> Callable[..., Any]:
     """``update`` jitted like the loop's steps: state donated, rollout rows over data x fsdp."""
     repl = shd.replicated(base.mesh)
     return jax.jit(
-        update,
+        shd.with_activation_sharding(base.mesh, update),
         in_shardings=(base.state_sharding, base.batch_sharding, base.frozen_sharding, repl),
         out_shardings=(base.state_sharding, repl),
         donate_argnums=0,

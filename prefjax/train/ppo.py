@@ -752,7 +752,7 @@ def jit_update(
     rollout_shard = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
     repl = shd.replicated(mesh)
     return jax.jit(
-        update,
+        shd.with_activation_sharding(mesh, update),
         in_shardings=(state_shard, rollout_shard, frozen_shard, repl),
         out_shardings=(state_shard, repl),
         donate_argnums=0,

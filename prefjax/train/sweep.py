@@ -377,13 +377,13 @@ def build_sweep(config: Any, model: Any, mesh: Any, group: Sequence[Member]) -> 
     stacked = stacked_sharding(base.state_sharding)
     repl = shd.replicated(mesh)
     train_step = jax.jit(
-        step,
+        shd.with_activation_sharding(mesh, step),
         in_shardings=(stacked, base.batch_sharding, base.frozen_sharding, repl, repl),
         out_shardings=(stacked, repl),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_sweep_eval_step(model, config, strategy=strategy),
+        shd.with_activation_sharding(mesh, make_sweep_eval_step(model, config, strategy=strategy)),
         in_shardings=(stacked.params, base.batch_sharding, base.frozen_sharding, repl),
         out_shardings=repl,
     )

@@ -3,8 +3,9 @@
 Every step here is compiled from shapes only (``prefjax.train.cost.compile_train_step``); nothing
 runs. The compiled FLOPs must lie in ``[1, FLOP_BOUND]`` times the analytical count (the excess is
 elementwise work the count leaves out), a live reference adds one forward (not two, not zero), a
-step that recomputes the policy forward (``remat="full"``) is flagged, and FSDP over two devices
-halves the bytes of the step's arguments.
+step that recomputes the policy forward (``remat="full"``) is flagged, FSDP over two devices
+halves the bytes of the step's arguments, and a step split over devices does the single-device
+step's FLOPs in all (each device its share of the rows, not the whole batch).
 """
 
 import jax
@@ -19,19 +20,19 @@ from prefjax.train import cost, dpo
 BATCH, SEQ = 2, 32  # pairs per step, tokens per sequence (small: compilation dominates)
 
 
-def dpo_config(preset="tiny", reference="copy", remat="none", fsdp=1, batch=BATCH, seq=SEQ):
+def dpo_config(preset="tiny", reference="copy", remat="none", fsdp=1, batch=BATCH, seq=SEQ, data=1):
     config = config_common.base_config("dpo")
     config.model.preset = preset
     config.model.remat = remat
     config.algorithm.reference = reference
     config.data.batch_size = batch
     config.data.max_len = seq
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, fsdp, 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, 1
     return config
 
 
 def mesh_of(config):
-    devices = jax.devices()[: config.mesh.fsdp]
+    devices = jax.devices()[: config.mesh.data * config.mesh.fsdp]
     return shd.make_mesh(config.mesh, devices=devices)
 
 
@@ -122,6 +123,23 @@ def test_fsdp_halves_argument_bytes(tiny_copy):
     # The state is donated: its new value is written over the old one, so all the outputs but
     # the metric scalars are aliased.
     assert 0 < single.output_bytes - single.alias_bytes < 1024
+
+
+@pytest.mark.parametrize(
+    "data,fsdp,batch", [(1, 2, BATCH), (2, 2, 4)], ids=["fsdp2", "data2_fsdp2"]
+)
+def test_split_step_flops_sum_to_one_device(data, fsdp, batch, tiny_copy):
+    # The pairs [batch, 2, seq] become chosen rows then rejected rows, [2 * batch, seq], whose
+    # split over the devices is not a block of rows per device; without the models' row
+    # constraint XLA then split the activations along the parameters' "embed" axis (fsdp) or
+    # not at all (data), and every device ran the attention of the whole batch (measured 1.19x
+    # the analytical count summed over fsdp=2, 2.34x over data=2 x fsdp=2, against 1.07x and
+    # 1.06x on one device). Split by rows, the devices' FLOPs add up to the single-device step's.
+    single = tiny_copy if batch == BATCH else audit(dpo_config(batch=batch))
+    split, count = audit(dpo_config(data=data, fsdp=fsdp, batch=batch))
+    total = split.flops * data * fsdp
+    assert 1.0 <= total / count.total <= cost.FLOP_BOUND, total / count.total
+    assert total / single[0].flops <= 1.03, total / single[0].flops
 
 
 def test_unrolled_layers_same_logits():

@@ -7,15 +7,17 @@ so the parameter change *is* the gradient), and parameters partitioned as the ru
 """
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.configs import common as config_common
 from prefjax import data, models
 from prefjax import sharding as shd
-from prefjax.train import dpo, reward
+from prefjax.train import cost, dpo, reward
 from prefjax.train import setup as train_setup
 
 # A smaller-than-tiny Llama (byte vocabulary) so that compiling three meshes stays fast.
@@ -134,6 +136,38 @@ def test_batch_helpers():
         shd.shard_batch(mesh, {"x": np.zeros((12, 2))})
     with pytest.raises(ValueError, match=r"config\.data\.batch_size=12"):
         shd.check_batch_size(12, mesh)
+
+
+def test_row_constraint_splits_the_forward_by_rows_and_only_on_a_split_batch():
+    # Pairs [batch, 2, seq] as the DPO step flattens them, chosen rows then rejected rows: split
+    # over the batch, the flat rows are not one block per device, which the row constraint fixes.
+    model = models.from_preset("tiny", key=jax.random.key(0), **TINY)
+    ids = (np.arange(8 * 2 * 16).reshape(8, 2, 16) % 200 + 3).astype(np.int32)
+
+    def logits(params, pairs):
+        rows = jnp.swapaxes(pairs, 0, 1).reshape(-1, pairs.shape[-1])  # [2 * batch, seq]
+        return model.apply(params, rows, jnp.ones_like(rows))
+
+    plain = jax.jit(logits).lower(model.params, ids)
+    assert "sharding_constraint" not in plain.as_text()
+    # One device (and no mesh): the step is traced exactly as without the constraint.
+    for mesh in (None, shd.single_device_mesh()):
+        same = jax.jit(shd.with_activation_sharding(mesh, logits)).lower(model.params, ids)
+        assert same.as_text() == plain.as_text()
+    plain = plain.compile()
+    for sizes in ((1, 2, 1), (2, 1, 1)):  # fsdp=2 (parameters split on "embed"), data=2
+        mesh = shd.make_mesh(mesh_config(*sizes), devices=jax.devices()[:2])
+        params = shd.shard_params(mesh, model.params, model.param_axes, shd.FSDP_RULES)
+        pairs = jax.device_put(ids, NamedSharding(mesh, P(shd.BATCH_AXES)))
+        split = jax.jit(shd.with_activation_sharding(mesh, logits)).lower(params, pairs)
+        assert "sharding_constraint" in split.as_text()
+        split = split.compile()
+        np.testing.assert_allclose(split(params, pairs), plain(model.params, ids), atol=1e-5)
+        # Each of the two devices computes its half of the rows, not the whole batch: their
+        # FLOPs add up to the single device's (without the constraint: 1.10x over fsdp=2, 2.00x
+        # over data=2).
+        ratio = 2 * cost.step_cost(split).flops / cost.step_cost(plain).flops
+        assert ratio <= 1.02, (sizes, ratio)
 
 
 def test_initialize_distributed_is_off_unless_asked():
