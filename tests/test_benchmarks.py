@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
+
+from prefjax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_STEP = ["--preset=tiny", "--batch_pairs=2", "--seq_len=32", "--prompt_len=16"]
@@ -67,6 +71,29 @@ def test_memory_plan(tmp_path):
     assert got["peak_bytes"] == expected_peak
     assert got["alias_bytes"] == got["state_bytes"]  # the train state is donated, in place
     assert got["fits"] is True and got["analytical_flops"] > 0
+
+
+def test_roofline(tmp_path):
+    args = ["--preset=tiny", "--batch=2", "--held=16", "--slots=64", "--steps=4", "--repeats=2"]
+    got = _run("roofline", [*args, "--dtype=float32", "--compiled_bytes"], tmp_path)
+    cfg = models.preset("tiny")
+    # Counted by hand: the tiny preset is untied, so of its input table only the 2 rows looked
+    # up are read; K/V of the 16 prompt tokens, the warm-up step's and on average 1.5 of the 4
+    # timed steps' own, 4 bytes each.
+    params = models.Model.init(cfg, jax.random.key(0)).params
+    table = params["embed"]["embedding"]
+    param_bytes = sum(x.size for x in jax.tree.leaves(params)) * 4 - (table.size - 2 * 64) * 4
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.resolved_head_dim * 4
+    assert got["held_mean"] == 16 + 1 + 1.5
+    assert got["bytes"] == {
+        "params": param_bytes,
+        "kv_read": 2 * 18.5 * per_token,
+        "kv_write": 2 * per_token,
+    }
+    assert got["bytes_total"] <= got["compiled_bytes_accessed"]  # a lower bound on XLA's count
+    assert got["roofline_fraction"] == pytest.approx(
+        got["bytes_total"] / got["step_s"] / got["peak_bytes_per_s"]
+    )
 
 
 def test_loop_fetch(tmp_path):
@@ -119,3 +146,23 @@ def test_rollout_benchmark_against_hugging_face_generate(tmp_path):
     # same bytes with 256 and 2048 cache slots.
     step = got["step"]
     assert step["2048"]["bytes_accessed"] == pytest.approx(step["256"]["bytes_accessed"], rel=0.05)
+
+
+def test_gpu_script_commands_use_flags_the_scripts_define():
+    """``benchmarks/gpu.sh`` is only run where a GPU is lent, with little device time: every
+    ``python -m benchmarks.<name>`` line in it must name flags that script (or a module it
+    imports flags from) defines, so a renamed flag fails here rather than there."""
+    text = open(os.path.join(ROOT, "benchmarks", "gpu.sh")).read().replace("\\\n", " ")
+    variables = dict(re.findall(r'^([A-Z])="([^"]*)"$', text, flags=re.M))
+    for name, value in variables.items():  # D uses S
+        variables[name] = re.sub(r"\$([A-Z])\b", lambda m: variables[m.group(1)], value)
+    commands = re.findall(r"python -m benchmarks\.(\w+)([^\n]*)", text)
+    assert {m for m, _ in commands} >= {"dpo_step", "roofline", "sweep", "gae"}
+    for module, args in commands:
+        args = re.sub(r"\$([A-Z])\b", lambda m: variables[m.group(1)], args)
+        source = open(os.path.join(ROOT, "benchmarks", f"{module}.py")).read()
+        if module == "profile_step":
+            source += open(os.path.join(ROOT, "benchmarks", "dpo_step.py")).read()
+        defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source))
+        used = set(re.findall(r"--(\w+)", args))
+        assert used <= defined, f"benchmarks/{module}.py does not define {used - defined}"
