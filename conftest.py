@@ -38,6 +38,7 @@ import prefjax  # noqa: E402
 LONGEST_FILES = (
     "tests/train/test_faults.py",  # 115 s
     "tests/experiments/test_own_data.py",  # 110 s
+    "tests/test_benchmarks.py",  # 80 s with the slow ones (every benchmark script, tiny sizes)
     "tests/train/test_grpo.py",  # 95 s
     "tests/experiments/test_study_overoptimisation.py",
     "tests/experiments/test_study_frontier.py",

@@ -32,6 +32,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from benchmarks.bandwidth import copy_bandwidth
+
 flags.DEFINE_integer("batch", 512, "Rows (responses).")
 flags.DEFINE_integer("seq", 1024, "Tokens per row.")
 flags.DEFINE_integer("repeats", 15, "Interleaved timed repeats per implementation.")
@@ -93,18 +95,6 @@ def trl_loop(torch, rewards, values, mask, gamma, lam):
             out.append(last)
         adv = torch.stack(out[::-1], axis=1) * mask
         return adv, (adv + values) * mask
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a large ``np.copyto`` (read + write counted), the best of 5."""
-    src = np.ones(64 * 2**20, np.float32)  # 256 MB
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
 
 
 def main(argv):

@@ -169,8 +169,8 @@ def response_logps(
         logps = losses.sequence_logprobs(logits, labels, mask)
     counts = jnp.sum(mask.astype(jnp.float32), axis=-1)
     if entropy:
-        # A reduction over the logits already built (XLA fuses it: no second [batch, seq,
-        # vocab] array), outside the gradient.
+        # A reduction over the logits already built, outside the gradient; XLA:CPU still keeps
+        # one more [batch, seq, vocab] float32 temporary for it (docs/training.md, Metrics).
         ent = losses.entropy(jax.lax.stop_gradient(logits))  # [batch, seq - 1]
         return logps, counts, losses.masked_sum(ent, mask, axis=-1)
     return logps, counts
@@ -374,12 +374,16 @@ class Objective:
       kl_coefficient: the beta of the KL-regularised objective the algorithm optimises (whose
         optimum is ``pi_ref * exp(r / beta)``), for the built-in tasks' ground-truth metrics;
         ``None`` when it has none.
+      eval_loss: the ``loss`` of the held-out step when it records more than the train step
+        (the same loss, plus metrics too costly to keep under the gradient, such as DPO's
+        ``entropy/response``); ``None``: ``loss``.
     """
 
     loss: Callable[..., tuple[jax.Array, Stats]]
     denominators: Callable[[Batch], Mapping[str, jax.Array]]
     finalize: Callable[[Stats], Metrics] = means
     kl_coefficient: float | None = None
+    eval_loss: Callable[..., tuple[jax.Array, Stats]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,16 +458,19 @@ def make_update(
 
 
 def make_eval_step(objective: Objective) -> Callable[[Any, Batch, Any], Stats]:
-    """``eval_step(params, batch, frozen) -> stats`` (:data:`Stats`, ``loss`` included).
+    """``eval_step(params, batch, frozen) -> stats`` (:data:`Stats`, ``loss`` included) of
+    ``objective.eval_loss`` (``objective.loss`` when it has none).
 
     The loop sums the stats over held-out batches (and hosts) and finalises them with
     ``objective.finalize``, exactly as the train step does within a batch.
     """
 
+    loss = objective.eval_loss or objective.loss
+
     def eval_step(params: Any, batch: Batch, frozen: Any) -> Stats:
         den = objective.denominators(batch)
         ones = {name: jnp.ones_like(value) for name, value in den.items()}
-        loss_sum, stats = objective.loss(params, batch, frozen, None, ones)  # no dropout
+        loss_sum, stats = loss(params, batch, frozen, None, ones)  # no dropout
         return {**stats, "loss": (loss_sum, den["loss"])}
 
     return eval_step

@@ -24,14 +24,15 @@ pairs; KTO: of desirable rewards above 0 and undesirable below); ``logps/chosen`
 ``logps/rejected`` (summed response log-probs under the policy -- watch both fall together, the
 usual DPO failure);
 ``kl/logratio`` (mean of ``log pi - log pi_ref`` over the batch's responses, a KL proxy on data
-responses); ``length/chosen``, ``length/rejected`` (response tokens); ``entropy/response``
-(the policy's next-token entropy per response token on the batch's responses, nats, from the
-logits the step already builds -- not recorded with ``model.logps_chunk_size``, which never
-builds them); ``length_bias/corr`` (the
+responses); ``length/chosen``, ``length/rejected`` (response tokens); ``length_bias/corr`` (the
 correlation of the reward margin with the chosen-minus-rejected length); with ``rpo_alpha``,
 ``loss/preference`` and ``nll/chosen``; plus the norms and ``train/skipped`` added by
 :func:`prefjax.train.common.make_update`. Train and eval metrics come from the same
-:func:`finalize`.
+:func:`finalize`. The eval step adds ``entropy/response`` (the policy's next-token entropy per
+response token on the batch's responses, nats, from the logits the step already builds -- not
+recorded with ``model.logps_chunk_size``, which never builds them); the train step records it
+too only with ``algorithm.train_entropy``, since under the gradient it keeps one more float32
+``[batch, seq, vocab]`` temporary alive.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Pairwise losses on length-normalised (per-token mean) log-probs instead of sums; unset =
     # the loss's own convention (True for "ipo", as TRL runs it; False otherwise).
     algo.average_logps = ml_collections.config_dict.placeholder(bool)
+    # Record entropy/response in the train step too (the eval step always does): one more float32
+    # [2 * batch, seq, vocab] temporary in the compiled step (tiny preset, V = 32 000, 512 tokens:
+    # +61.5 MiB, +22 % of its temporaries; docs/training.md); needs model.logps_chunk_size = 0.
+    algo.train_entropy = False
     return algo
 
 
@@ -172,6 +177,15 @@ def validate_config(config: Any) -> None:
             f"{tuple(losses.PAIRWISE_LOSSES)}, not {loss!r}; set config.algorithm.rpo_alpha=0 "
             "(ORPO's NLL weight is config.algorithm.sft_weight)."
         )
+    train_entropy = algo.train_entropy
+    if not isinstance(train_entropy, bool):
+        raise ValueError(f"config.algorithm.train_entropy={train_entropy!r}: must be True/False.")
+    chunk = config.model.logps_chunk_size
+    if train_entropy and chunk:
+        raise ValueError(
+            f"config.algorithm.train_entropy=True needs the full logits, which "
+            f"config.model.logps_chunk_size={chunk} never builds; set one of them off."
+        )
     if loss in losses.PAIRWISE_LOSSES or loss == "simpo":
         # Each loss checks its own hyperparameters; run it once on zeros so a bad value fails
         # here, naming the config field, instead of inside the jitted step.
@@ -234,17 +248,20 @@ def _pairwise_loss(config: Any, hparams: HParams | None = None) -> Callable[...,
 # ----------------------------------------------------------------------------------------------
 
 
-def _forwards(model: Any, config: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _forwards(
+    model: Any, config: Any, *, entropy: bool = False
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``policy(params, frozen, tokens, key) -> (logps, counts, entropy)`` and
     ``reference(frozen, batch, tokens) -> logps`` over one ``[batch, k, seq]`` (or ``[batch,
-    seq]``) token triple; ``entropy`` is the policy's summed next-token entropy over each
-    response's tokens, ``None`` where the full logits are never built (``logps_chunk_size``)."""
+    seq]``) token triple; with ``entropy``, the policy's ``entropy`` is its summed next-token
+    entropy over each response's tokens, ``None`` without, or where the full logits are never
+    built (``logps_chunk_size``)."""
     chunk = config.model.logps_chunk_size
     lora = common.uses_lora(config)
     kind = config.algorithm.reference
+    entropy = entropy and not chunk
 
     def policy(params, frozen, tokens, key=None):
-        entropy = not chunk
         if lora:  # ``key`` switches LoRA dropout on (training only)
             return _logps(
                 model, frozen, tokens, lora=params, chunk_size=chunk, key=key, entropy=entropy
@@ -394,12 +411,12 @@ def _pair_stats(
 
 
 def _pairwise_objective(
-    model: Any, config: Any, hparams: HParams
+    model: Any, config: Any, hparams: HParams, entropy: bool
 ) -> Callable[..., tuple[jax.Array, Stats]]:
     algo = config.algorithm
     name, beta = algo.loss, hparams.beta
     average = _average_logps(config)
-    policy, ref = _forwards(model, config)
+    policy, ref = _forwards(model, config, entropy=entropy)
     sft_weight, rpo_alpha = float(algo.sft_weight), float(algo.rpo_alpha)
     pair_loss = None if name == "orpo" else _pairwise_loss(config, hparams)
 
@@ -442,10 +459,10 @@ def _pairwise_objective(
 
 
 def _listwise_objective(
-    model: Any, config: Any, hparams: HParams
+    model: Any, config: Any, hparams: HParams, entropy: bool
 ) -> Callable[..., tuple[jax.Array, Stats]]:
     beta = hparams.beta
-    policy, ref = _forwards(model, config)
+    policy, ref = _forwards(model, config, entropy=entropy)
 
     def fn(params, batch, frozen, key, denominators):
         w = common.example_weights(batch)
@@ -512,14 +529,16 @@ def mismatched_pairs(
     return ids.astype(input_ids.dtype), attn, lmask
 
 
-def _kto_objective(model: Any, config: Any) -> Callable[..., tuple[jax.Array, Stats]]:
+def _kto_objective(
+    model: Any, config: Any, entropy: bool
+) -> Callable[..., tuple[jax.Array, Stats]]:
     algo = config.algorithm
     beta = float(algo.beta)
     weights = dict(
         desirable_weight=float(algo.desirable_weight),
         undesirable_weight=float(algo.undesirable_weight),
     )
-    policy, ref = _forwards(model, config)
+    policy, ref = _forwards(model, config, entropy=entropy)
 
     def fn(params, batch, frozen, key, denominators):
         num = batch["input_ids"].shape[0]
@@ -567,17 +586,24 @@ def objective(model: Any, config: Any, *, hparams: HParams | None = None) -> Obj
 
     ``hparams`` (beta, label smoothing; default ``config.algorithm``'s) may be traced arrays, so
     one compiled step serves every value (:mod:`prefjax.train.sweep`); KTO reads the config's.
+    The eval step's loss records ``entropy/response``; the train step's only with
+    ``config.algorithm.train_entropy``.
     """
     loss = config.algorithm.loss
     hparams = hparams or hparams_from_config(config)
-    if loss == "listwise":
-        fn = _listwise_objective(model, config, hparams)
-    elif loss == "kto":
-        fn = _kto_objective(model, config)
-    else:
-        fn = _pairwise_objective(model, config, hparams)
+
+    def build(entropy: bool) -> Callable[..., tuple[jax.Array, Stats]]:
+        if loss == "listwise":
+            return _listwise_objective(model, config, hparams, entropy)
+        if loss == "kto":
+            return _kto_objective(model, config, entropy)
+        return _pairwise_objective(model, config, hparams, entropy)
+
+    train_entropy = bool(config.algorithm.train_entropy)
+    fn = build(train_entropy)
+    eval_fn = fn if train_entropy else build(True)
     beta = hparams.beta if reference(config) != "none" else None
-    return Objective(fn, _denominators, finalize, kl_coefficient=beta)
+    return Objective(fn, _denominators, finalize, kl_coefficient=beta, eval_loss=eval_fn)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -436,9 +436,16 @@ GATE_KEYS: dict[str, tuple[str, ...]] = {
         "kl/sequence",
         "eval/kl/logratio",
     ),
-    # Mean per-token entropy of the policy: on its own samples (PPO's and GRPO's rollouts), else
-    # on the batch's responses (the DPO family; online DPO's are its sampled pairs).
-    "entropy": ("eval/rollout/entropy", "rollout/entropy", "ppo/entropy", "entropy/response"),
+    # Mean per-token entropy of the policy: on its own samples (online DPO's held-out samples,
+    # PPO's and GRPO's rollouts), else on the responses of held-out pairs (the DPO family's eval
+    # step), else on the train batch's responses (train records, algorithm.train_entropy).
+    "entropy": (
+        "eval/rollout/entropy",
+        "rollout/entropy",
+        "ppo/entropy",
+        "eval/entropy/response",
+        "entropy/response",
+    ),
     # Mean response length in tokens: sampled and greedy held-out responses, rollouts.
     "length": (
         "eval/length/sampled",

@@ -395,24 +395,34 @@ def transform_of(config: Any) -> dict:
     return dict(temperature=float(a.temperature), top_k=int(a.top_k), top_p=float(a.top_p))
 
 
-def eval_kl_stats(model: Any, config: Any, has_reference: bool) -> Callable[..., Any]:
+def eval_kl_stats(
+    model: Any, config: Any, has_reference: bool, *, entropy: bool = False
+) -> Callable[..., Any]:
     """Jitted ``(params, rollout_batch, frozen) -> stats``: ``kl/sampled``, the summed k1
-    estimate of ``KL(pi_theta || pi_ref)`` on held-out samples (nothing without a reference)."""
+    estimate of ``KL(pi_theta || pi_ref)`` on held-out samples (nothing without a reference),
+    and with ``entropy`` ``rollout/entropy``, the policy's next-token entropy per response token
+    of those samples (under the sampling transform, from the same forward pass)."""
     lora = common.uses_lora(config)
 
     def fn(params, batch, frozen):
-        if not has_reference:
+        if not (has_reference or entropy):
             return {}
         tokens = (batch["prompt_ids"], batch["prompt_mask"], batch["tokens"])
         base, adapters = policy_of(params, frozen, lora)
-        mask = batch["response_mask"]
-        logps = rollout.token_logprobs(
-            model, base, *tokens, mask, lora=adapters, **transform_of(config)
+        mask, w = batch["response_mask"], batch["weights"]
+        out = rollout.token_logprobs(
+            model, base, *tokens, mask, lora=adapters, entropy=entropy, **transform_of(config)
         )
-        ref = rollout.token_logprobs(model, frozen, *tokens, mask, **transform_of(config))
-        w = batch["weights"]
-        kl = sequence_kl(logps, ref, mask * w[:, None], "k1")
-        return {"kl/sampled": (jnp.sum(kl * w), jnp.sum(w))}
+        logps, ent = out if entropy else (out, None)  # [R, N] each
+        stats = {}
+        if entropy:
+            m = mask * w[:, None]
+            stats["rollout/entropy"] = (losses.masked_sum(ent, m), jnp.sum(m))
+        if has_reference:
+            ref = rollout.token_logprobs(model, frozen, *tokens, mask, **transform_of(config))
+            kl = sequence_kl(logps, ref, mask * w[:, None], "k1")
+            stats["kl/sampled"] = (jnp.sum(kl * w), jnp.sum(w))
+        return stats
 
     return jax.jit(fn)
 

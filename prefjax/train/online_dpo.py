@@ -20,7 +20,9 @@ Metrics: DPO's (``rewards/chosen`` is the implicit reward of the *higher-scored*
 ``rewards/accuracy``, ``logps/chosen`` ...), ``score/chosen`` and ``score/rejected`` (the
 source's scores of the pair, noise-free; ``score/chosen >= score/rejected`` by construction with
 ranked labels), ``pairs/kept_fraction``, and the ``rollout/...`` metrics of
-:mod:`prefjax.train.online`.
+:mod:`prefjax.train.online`; DPO's ``entropy/response`` only with ``algorithm.train_entropy``.
+The held-out evaluation adds ``rollout/entropy`` (recorded as ``eval/rollout/entropy``: the
+policy's next-token entropy per token of its held-out samples) to ``kl/sampled``.
 """
 
 from __future__ import annotations
@@ -163,7 +165,9 @@ def setup(config: Any, model: Any, mesh: Any, key: jax.Array) -> common.Setup:
         base,
         online.make_pipeline(config, model, mesh),
         online.jit_update(base, update),
-        eval_stats=online.eval_kl_stats(model, config, reference(config) != "none"),
+        # The held-out samples' entropy (eval/rollout/entropy, what the release gate reads):
+        # the train step records entropy/response only with algorithm.train_entropy.
+        eval_stats=online.eval_kl_stats(model, config, reference(config) != "none", entropy=True),
         finalize=common.means,
         seed=int(config.seed),
     )

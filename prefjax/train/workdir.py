@@ -70,6 +70,7 @@ FREE_FIELDS = (
     # other hardware)
     "algorithm.reference_cache_dir",  # where precomputed reference log-probs are kept (a hit
     # loads exactly what a miss computes)
+    "algorithm.train_entropy",  # a train-step metric outside the gradient (DPO family)
 )
 # Files a run writes into its directory; a directory holding only these (and no run.json)
 # is one whose very first invocation stopped before it could write run.json.

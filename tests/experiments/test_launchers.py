@@ -7,11 +7,14 @@ import os
 import sys
 
 import jax
+import numpy as np
 import pytest
 from absl import flags
 
 from experiments import launch as launch_module
 from experiments.configs import common, dpo, reward_model, sft
+from prefjax import models
+from prefjax.train import evaluation
 
 # Small enough to run in seconds; everything else is the launcher's own default.
 SMALL = [
@@ -86,6 +89,13 @@ def test_launcher_runs_tiny_preset_end_to_end(module_name, extra, tmp_path, caps
         assert os.path.exists(os.path.join(workdir, "sft_warmup", "checkpoints", "2"))
         assert evals[0]["eval/kl"] == 0.0  # policy == reference before the first step
         assert abs(evals[-1]["eval/kl"]) < 1.0  # sampled KL after 4 small steps
+        # The entropy is an eval metric (algorithm.train_entropy is off), which the release
+        # gate's entropy check reads.
+        vocab = models.preset("tiny").vocab_size
+        assert all(0.0 < r["eval/entropy/response"] < np.log(vocab) for r in evals)
+        assert not any("entropy/response" in r for r in recs if r["split"] == "train")
+        check = evaluation.release_gate(recs).check("entropy")
+        assert check.keys == ("eval/entropy/response",) and check.status != "n/a"
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
     assert os.listdir(os.path.join(workdir, "tensorboard"))

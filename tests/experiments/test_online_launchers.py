@@ -72,4 +72,11 @@ def test_online_dpo_launcher_runs_tiny_preset(tmp_path):
     for r in train:
         assert r["score/chosen"] >= r["score/rejected"]
         assert 0.0 <= r["pairs/kept_fraction"] <= 1.0 and np.isfinite(r["loss"])
-    assert "eval/gold_reward" in records(workdir, "eval")[-1]
+    evals = records(workdir, "eval")
+    assert "eval/gold_reward" in evals[-1]
+    # The policy entropy on held-out samples, what the release gate reads; the train step's
+    # entropy/response is off by default (algorithm.train_entropy).
+    assert all(
+        np.isfinite(r["eval/rollout/entropy"]) and r["eval/rollout/entropy"] > 0 for r in evals
+    )
+    assert not any("entropy/response" in r for r in train)

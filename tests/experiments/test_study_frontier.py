@@ -160,8 +160,8 @@ def test_tiny_study_traces_every_sequence_method_by_its_beta(study):
             # ... and what that KL buys the methods trained on the gold reward: more of it.
             if method in GOLD_GAIN:
                 assert pts[small]["gold"] > pts[small]["ref_gold"] + GOLD_GAIN[method], label
-        # The release gate's entropy check runs on a DPO-family run and an RLOO run (their
-        # train records carry the policy entropy), not "n/a".
+        # The release gate's entropy check runs on a DPO-family run and an RLOO run (the DPO
+        # eval records and the RLOO train records carry the policy entropy), not "n/a".
         for method in ("dpo", "rloo"):
             run = next(p["run"] for p in points if p["method"] == method and p["seed"] == seed)
             report = evaluation.release_gate(gate.read_run(os.path.join(workdir, run)))

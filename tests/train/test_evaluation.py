@@ -226,6 +226,8 @@ def test_gate_prefers_the_first_recorded_key_and_skips_non_finite_values():
         # Entropy 2.0 at the first record: the floor 0.5 x 2 = 1 is crossed at step 80 (0.9).
         ("entropy", "rollout/entropy", [2.0, 1.8, 1.5, 1.2, 0.9, 0.8, 0.7], {}, (80, 80)),
         ("entropy", "ppo/entropy", [2.0, 1.8, 1.5, 1.2, 1.1, 1.0, 1.05], {}, None),
+        # The DPO family's held-out entropy: 3.0 first, under 1.5 first at step 60.
+        ("entropy", "eval/entropy/response", [3.0, 2.5, 2.0, 1.4, 1.2, 1.0, 0.9], {}, (60, 60)),
     ],
     ids=[
         "length",
@@ -237,6 +239,7 @@ def test_gate_prefers_the_first_recorded_key_and_skips_non_finite_values():
         "kl-budget",
         "entropy",
         "entropy-pass",
+        "entropy-dpo-eval",
     ],
 )
 def test_gate_threshold_checks(name, key, values, config, expected):
@@ -252,6 +255,21 @@ def test_gate_threshold_checks(name, key, values, config, expected):
         assert report.flagged
     others = [c.status for c in report.checks if c.name != name]
     assert others == ["n/a"] * 3  # each flag type alone: the other checks have no metrics
+
+
+def test_gate_reads_the_dpo_entropy_of_held_out_pairs_before_the_train_batches():
+    # DPO with algorithm.train_entropy records both; the held-out value is read (it collapses
+    # here, the train batches' does not), and the train value alone when there is no eval one.
+    falling, flat = [3.0, 2.5, 2.0, 1.4, 1.2, 1.0, 0.9], [3.0] * 7
+    evals = [
+        {"step": s, "eval/entropy/response": v} for s, v in zip(EVAL_STEPS, falling, strict=True)
+    ]
+    train = [{"step": s + 10, "entropy/response": v} for s, v in zip(EVAL_STEPS, flat, strict=True)]
+    check = evaluation.release_gate(evals + train).check("entropy")
+    assert check.keys == ("eval/entropy/response",)
+    assert (check.status, check.began) == ("flag", 60)
+    check = evaluation.release_gate(train).check("entropy")
+    assert (check.keys, check.status) == (("entropy/response",), "pass")
 
 
 def test_gate_without_metrics_says_what_it_looked_for():

@@ -3,7 +3,8 @@
 * each ``config.algorithm`` block is the algorithm's ``default_config()`` and nothing else (an
   SFT or reward-model config has no ``beta``), read as attributes;
 * train and eval metrics come from the same ``finalize``: on one batch, the train step's metrics
-  (computed at the parameters before its update) equal the eval step's summed stats finalised;
+  (computed at the parameters before its update) equal the eval step's summed stats finalised
+  (the eval step adds DPO's ``entropy/response``);
 * eval stats summed over two half batches finalise to the whole batch's metrics (exact means,
   also for the derived ``rewards/std``, ``perplexity`` and ``length_bias/corr``).
 """
@@ -99,10 +100,17 @@ def test_train_and_eval_metrics_come_from_one_finalisation(case, models_by_head)
         halves = evaluation.merge_metric_sums(halves, setup.eval_step(params, half, setup.frozen))
     eval_whole = jax.device_get(setup.objective.finalize(whole))
     eval_halves = jax.device_get(setup.objective.finalize(halves))
-    # Every metric the objective defines is in both, train-only ones are the update's norms.
+    # Every metric the objective defines is in both, train-only ones are the update's norms;
+    # DPO's entropy is eval-only by default (algorithm.train_entropy=False).
     update_only = {"grad_norm", "param_norm", "update_norm", "train/skipped", "learning_rate"}
-    assert set(train) - update_only == set(eval_whole) == set(eval_halves)
+    eval_only = {"entropy/response"} if algorithm is dpo else set()
+    assert eval_only <= set(eval_whole)
+    assert set(train) - update_only == set(eval_whole) - eval_only
+    assert set(eval_whole) == set(eval_halves)
     for name, value in eval_whole.items():
+        if name in eval_only:
+            np.testing.assert_allclose(eval_halves[name], value, rtol=2e-5, err_msg=name)
+            continue
         if name == "tokens":  # SFT's per-batch count: two half batches average to half of it
             np.testing.assert_allclose(eval_halves[name] * 2, value, rtol=1e-6)
             continue
