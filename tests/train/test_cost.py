@@ -132,9 +132,9 @@ def test_split_step_flops_sum_to_one_device(data, fsdp, batch, tiny_copy):
     # The pairs [batch, 2, seq] become chosen rows then rejected rows, [2 * batch, seq], whose
     # split over the devices is not a block of rows per device; without the models' row
     # constraint XLA then split the activations along the parameters' "embed" axis (fsdp) or
-    # not at all (data), and every device ran the attention of the whole batch (measured 1.19x
-    # the analytical count summed over fsdp=2, 2.34x over data=2 x fsdp=2, against 1.07x and
-    # 1.06x on one device). Split by rows, the devices' FLOPs add up to the single-device step's.
+    # not at all (data), and every device ran the attention of the whole batch (measured 1.18x
+    # the analytical count summed over fsdp=2, 2.33x over data=2 x fsdp=2, against 1.07x and
+    # 1.05x on one device). Split by rows, the devices' FLOPs add up to the single-device step's.
     single = tiny_copy if batch == BATCH else audit(dpo_config(batch=batch))
     split, count = audit(dpo_config(data=data, fsdp=fsdp, batch=batch))
     total = split.flops * data * fsdp
