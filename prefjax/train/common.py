@@ -436,18 +436,24 @@ def make_update(
             constrain=constrain,
         )
         grad_norm = tree_norm(grads)
-        new_state, updates = state.apply_gradients(grads, scale=update_scale)
-        # A non-finite loss or gradient never reaches the weights: keep the old params and
-        # optimiser state (the step counter still advances: the batch was consumed).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = new_state.replace(
-            params=optim.select_tree(ok, new_state.params, state.params),
-            opt_state=optim.select_tree(ok, new_state.opt_state, state.opt_state),
-        )
+
+        def update(state: TrainState) -> tuple[TrainState, jax.Array]:
+            new_state, updates = state.apply_gradients(grads, scale=update_scale)
+            return new_state, tree_norm(updates).astype(jnp.float32)
+
+        def skip(state: TrainState) -> tuple[TrainState, jax.Array]:
+            return state.replace(step=state.step + 1), jnp.zeros((), jnp.float32)
+
+        # A non-finite loss or gradient never reaches the weights: the optimiser runs only on a
+        # finite step, and a bad one keeps the old params and optimiser state (the step counter
+        # still advances: the batch was consumed). A conditional rather than a select of the
+        # new state against the old: no pass over params and moments after the update.
+        new_state, update_norm = jax.lax.cond(ok, update, skip, state)
         metrics = objective.finalize({**stats, "loss": (loss, jnp.ones((), jnp.float32))})
         metrics["grad_norm"] = grad_norm
         metrics["param_norm"] = tree_norm(new_state.params)
-        metrics["update_norm"] = jnp.where(ok, tree_norm(updates), 0.0)
+        metrics["update_norm"] = update_norm
         metrics["train/skipped"] = (~ok).astype(jnp.float32)
         if schedule is not None:
             rate = jnp.asarray(schedule(state.step), jnp.float32)
