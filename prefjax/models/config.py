@@ -93,9 +93,11 @@ class TransformerConfig:
       dtype: compute dtype.
       param_dtype: parameter dtype.
       remat: one of ``"none"``, ``"full"``, ``"dots"`` (see ``REMAT_POLICIES``).
-      scan_unroll: compile the layer scan unrolled (one copy of the block per layer: the same
-        arithmetic, a longer compilation). XLA's cost analysis counts a loop body once, so
-        ``prefjax.train.cost`` unrolls to count every layer's FLOPs.
+      scan_unroll: run the layers one after another in the program instead of in a loop over
+        the stacked weights (one copy of the block per layer: the same parameters and
+        arithmetic, no per-layer stacking of residuals for the backward pass, a longer
+        compilation; the cached decoding path still scans). XLA's cost analysis counts a loop
+        body once, so ``prefjax.train.cost`` unrolls to count every layer's FLOPs.
       init_std: standard deviation of the normal initialiser of weight matrices and embeddings.
       model_type: the Hugging Face family used on export (``"llama"``, ``"mistral"``, ``"qwen2"``,
         ``"gpt2"``).

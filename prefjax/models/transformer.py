@@ -639,13 +639,13 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(block, prevent_cse=False, policy=_remat_policy(cfg.remat))
+        self.block_type = block  # also run one layer at a time by _unrolled_layers
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-            unroll=cfg.num_layers if cfg.scan_unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora, self.deterministic)
         self.final_norm = Norm(cfg)
@@ -673,6 +673,25 @@ class Transformer(nn.Module):
                 param_dtype=cfg.param_dtype,
             )
 
+    def _unrolled_layers(self, x, windows, positions, attention_mask):
+        """The layers one after another in the program (``scan_unroll``), each applied with its
+        slice of the stacked weights: the same parameters and arithmetic as the layer scan, but
+        no loop, so the backward pass keeps each layer's residuals as they are instead of
+        stacking them into ``[L, ...]`` buffers (and the weight gradients are concatenated
+        once). The cached (decoding) path always scans."""
+        cfg = self.config
+        stacked = self.layers.variables  # {"params": [L, ...] leaves, and "lora" with adapters}
+        block = self.block_type(cfg, self.lora, self.deterministic, parent=None)  # unbound
+        key = None if self.deterministic else self.make_rng("dropout")
+        for layer in range(cfg.num_layers):
+            variables = jax.tree.map(lambda a, i=layer: a[i], stacked)
+            rngs = {} if key is None else {"dropout": jax.random.fold_in(key, layer)}
+            window = None if windows is None else windows[layer]
+            (x, _), _ = block.apply(
+                variables, (x, None), (None, window), positions, attention_mask, None, rngs=rngs
+            )
+        return x
+
     def trunk(self, input_ids, attention_mask, positions, cache: KVCache | None = None):
         """Final hidden states ``[B, T, D]`` (after the final norm) and the updated cache."""
         cfg = self.config
@@ -686,7 +705,10 @@ class Transformer(nn.Module):
         windows = cfg.layer_windows()
         windows = None if windows is None else jnp.asarray(windows, jnp.int32)  # [L]
         if cache is None:
-            (x, _), _ = self.layers((x, None), (None, windows), positions, attention_mask, None)
+            if cfg.scan_unroll and not self.is_initializing():
+                x = self._unrolled_layers(x, windows, positions, attention_mask)
+            else:
+                (x, _), _ = self.layers((x, None), (None, windows), positions, attention_mask, None)
             return self.final_norm(x), None
         seq = input_ids.shape[1]
         start = (0, cache.length)

@@ -231,6 +231,42 @@ def test_remat_gives_same_gradients(tiny, batch, policy):
     )
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"remat": "full"}, {"sliding_window": 3, "sliding_window_layers": (True, False)}],
+    ids=["plain", "remat", "windows"],
+)
+def test_unrolled_layers_equal_the_layer_scan(tiny, batch, overrides):
+    """``scan_unroll`` runs the layers one after another with slices of the same stacked weights
+    (and, with adapters, of the stacked LoRA weights): the same logits and gradients as the scan,
+    per-layer windows included, and no loop left in the differentiated program."""
+    ids, mask = batch
+    scanned = pm.Model(tiny.config.replace(**overrides), tiny.params)
+    unrolled = pm.Model(scanned.config.replace(scan_unroll=True), tiny.params)
+    lora = tiny.init_lora(jax.random.key(3), rank=2, alpha=2.0, targets="all")
+    b = lambda path, x: x + 0.1 if path[-1].key == "b" else x  # noqa: E731
+    lora = lora.replace(weights=jax.tree_util.tree_map_with_path(b, lora.weights))
+
+    def loss(model, params, adapters):
+        logits = model.apply(params, ids, mask, lora=adapters)
+        return jnp.sum(jax.nn.log_softmax(logits) * mask[..., None]), logits
+
+    for adapters in (None, lora):
+        fn = lambda m, a=adapters: jax.value_and_grad(  # noqa: E731
+            lambda p: loss(m, p, a), has_aux=True
+        )
+        (want, want_logits), want_grads = jax.jit(fn(scanned))(tiny.params)
+        (got, got_logits), got_grads = jax.jit(fn(unrolled))(tiny.params)
+        np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=0)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0),
+            got_grads,
+            want_grads,
+        )
+    hlo = jax.jit(jax.grad(lambda p: loss(unrolled, p, None)[0])).lower(tiny.params).as_text()
+    assert "while" not in hlo and "stablehlo.while" not in hlo
+
+
 def test_sliding_window_masks_distant_keys(tiny, batch):
     ids, mask = batch
     windowed = pm.Model(tiny.config.replace(sliding_window=2), tiny.params)
