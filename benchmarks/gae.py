@@ -32,7 +32,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks.bandwidth import copy_bandwidth
+from benchmarks.host import copy_bandwidth
 
 flags.DEFINE_integer("batch", 512, "Rows (responses).")
 flags.DEFINE_integer("seq", 1024, "Tokens per row.")

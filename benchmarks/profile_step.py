@@ -33,7 +33,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks import dpo_step
+from benchmarks import dpo_step, host
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("threads", 1, "Threads of each runtime (XLA intra-op and torch).")
@@ -52,13 +52,6 @@ PARTS = (
     ("optimizer + norms of updates", ("adam", "clip", "tree_norm", "apply_gradients", "optax")),
     ("layer loop (stack, slice)", ("while", "dynamic_update_slice", "dynamic_slice")),
 )
-
-
-def xla_threads_flags(threads: int) -> None:
-    """Limit XLA's CPU backend to ``threads`` intra-op threads (before the backend starts)."""
-    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
-    extra += f" intra_op_parallelism_threads={threads}"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
 
 
 def timed_both(run_step) -> tuple[float, float]:
@@ -130,7 +123,7 @@ def profile_torch(run_step, steps: int) -> dict:
 
 def main(argv):
     del argv
-    xla_threads_flags(FLAGS.threads)
+    host.limit_threads(FLAGS.threads)
     import jax
 
     run_jax, info = dpo_step.build_prefjax()

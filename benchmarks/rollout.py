@@ -41,6 +41,7 @@ import transformers
 from absl import app, flags
 
 import prefjax.models as pm
+from benchmarks import host
 
 flags.DEFINE_list("batches", ["1", "8", "32", "64"], "Batch sizes of the main table.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row.")
@@ -192,11 +193,7 @@ def main(argv):
     if FLAGS.quick:
         FLAGS.batches, FLAGS.cache_lengths, FLAGS.repeats = ["1", "8"], ["128", "512"], 1
     if FLAGS.threads > 0:
-        # Before the first JAX computation starts the CPU backend.
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-            f" intra_op_parallelism_threads={FLAGS.threads}"
-        )
+        host.limit_threads(FLAGS.threads)  # before the first JAX computation starts the backend
     torch.set_num_threads(FLAGS.threads or os.cpu_count() or 1)
     model = pm.Model.init(llama_config(), jax.random.key(0))
     hf = hf_model(model)

@@ -27,7 +27,7 @@ untied, 128-token prompts and 256 new tokens, so 256 tokens held on average)::
 
 Peak bandwidth by device kind (``--peak_gbps`` overrides): H100 SXM 3350 GB/s, H100 PCIe 2000,
 H200 4800, A100 80 GB 2039, A100 40 GB 1555, L4 300, TPU v5e 819, TPU v4 1200; on a CPU the
-``np.copyto`` bandwidth measured in the same run (``benchmarks/bandwidth.py``). The step is the
+``np.copyto`` bandwidth measured in the same run (``benchmarks/host.py``). The step is the
 jitted, cache-donating ``Model.decode_step`` the sampler runs, timed over ``--steps`` consecutive
 steps after a ``--held``-token prefill (medians of ``--repeats``, each from a fresh prefill).
 """
@@ -45,7 +45,7 @@ import numpy as np
 from absl import app, flags
 
 import prefjax.models as pm
-from benchmarks.bandwidth import copy_bandwidth
+from benchmarks.host import copy_bandwidth
 
 flags.DEFINE_string("preset", "llama1b", "Model preset: tiny | gpt2 | llama1b.")
 flags.DEFINE_integer("vocab", 0, "Vocabulary size override (0 = the preset's).")
