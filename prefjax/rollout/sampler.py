@@ -379,8 +379,10 @@ def make_sampler(
     else:
         rows = NamedSharding(mesh, PartitionSpec(shd.BATCH_AXES))
         out = Rollout(*([rows] * len(Rollout._fields)))
+        # The rows constraint of the models (shd.activation_sharding) keeps the residual stream
+        # split by rows where XLA would follow FSDP-split weights into the activations.
         jitted = jax.jit(
-            fn,
+            shd.with_activation_sharding(mesh, fn),
             in_shardings=(params_sharding, rows, rows, shd.replicated(mesh), None),
             out_shardings=out,
         )
@@ -388,4 +390,5 @@ def make_sampler(
     def sampler(params, prompt_ids, prompt_mask, key, *, lora=None):
         return jitted(params, prompt_ids, prompt_mask, key, lora)
 
+    sampler.jitted = jitted  # the compiled program, for its cost and memory analyses
     return sampler
