@@ -99,7 +99,10 @@ def prefjax_runner(model: pm.Model, ids: np.ndarray, new: int):
     mask = jnp.ones_like(ids_j)
 
     def run():
-        out = pm.greedy_generate(model, model.params, ids_j, mask, max_new_tokens=new)
+        # Tokens only, as HF's greedy generate returns them (no per-token log-probs).
+        out = pm.greedy_generate(
+            model, model.params, ids_j, mask, max_new_tokens=new, logprobs=False
+        )
         return np.asarray(jax.block_until_ready(out.tokens))
 
     return run

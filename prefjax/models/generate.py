@@ -35,7 +35,7 @@ class GenerateOutput(NamedTuple):
       mask: ``[B, N]`` int32, 1 for generated tokens up to and including the first EOS.
       logprobs: ``[B, N]`` float32 log-probability of each token under ``softmax(logits /
         temperature)`` (plain ``softmax(logits)`` for greedy decoding), before top-k / top-p
-        truncation; 0 where ``mask`` is 0.
+        truncation; 0 where ``mask`` is 0, and 0 everywhere with ``logprobs=False``.
       lengths: ``[B]`` int32 number of generated tokens (``mask.sum(-1)``).
     """
 
@@ -124,6 +124,7 @@ def _token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) ->
         "top_p",
         "eos_ids",
         "pad_id",
+        "logprobs",
     ),
 )
 def _generate(
@@ -141,6 +142,7 @@ def _generate(
     top_p: float,
     eos_ids: tuple[int, ...],
     pad_id: int,
+    logprobs: bool,
 ):
     model = Model(config, None, head=head)
     batch, prompt_len = prompt_ids.shape
@@ -162,7 +164,11 @@ def _generate(
         key, subkey = jax.random.split(s.key)
         logits = logits.astype(jnp.float32)
         tok = sample_logits(subkey, logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        logp = _token_logprobs(logits, tok, temperature)
+        # The log-prob is a log-sum-exp over the vocabulary per row and step: left out when no
+        # caller reads it (at batch 64 and 32,000 tokens, ~10 % of a CPU decode step).
+        logp = jnp.zeros(tok.shape, jnp.float32)
+        if logprobs:
+            logp = _token_logprobs(logits, tok, temperature)
         tok = jnp.where(s.done, pad_id, tok)
         logp = jnp.where(s.done, 0.0, logp)
         return _Sampled(
@@ -220,6 +226,7 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     lora: LoRA | None = None,
+    logprobs: bool = True,
 ) -> GenerateOutput:
     """Sample ``max_new_tokens`` tokens after each prompt with the KV cache (jitted).
 
@@ -237,6 +244,9 @@ def generate(
         ``max_new_tokens`` tokens.
       pad_id: id written after a row has ended.
       lora: optional adapters.
+      logprobs: compute each token's log-probability (``GenerateOutput.logprobs``); ``False``
+        skips the per-step log-sum-exp over the vocabulary and leaves them 0 (decoding for
+        evaluation, where only the tokens are read).
 
     Returns:
       A :class:`GenerateOutput`.
@@ -285,6 +295,7 @@ def generate(
         top_p=float(top_p),
         eos_ids=eos_ids,
         pad_id=int(pad_id),
+        logprobs=bool(logprobs),
     )
 
 
@@ -298,6 +309,7 @@ def greedy_generate(
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     lora: LoRA | None = None,
+    logprobs: bool = True,
 ) -> GenerateOutput:
     """Greedy decoding: :func:`generate` with ``temperature=0``."""
     return generate(
@@ -311,4 +323,5 @@ def greedy_generate(
         eos_id=eos_id,
         pad_id=pad_id,
         lora=lora,
+        logprobs=logprobs,
     )

@@ -143,6 +143,7 @@ def generate(
         eos_id=eos_id,
         pad_id=eos_id,
         lora=lora,
+        logprobs=False,  # only the tokens are read
     )
     return np.asarray(out.tokens), np.asarray(out.mask)
 

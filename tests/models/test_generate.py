@@ -83,3 +83,18 @@ def test_generate_argument_errors(model):
         pm.generate(value, value.params, ids, ids, key=jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_mask"):
         pm.generate(model, model.params, ids, ids[:, :2], key=jax.random.key(0), max_new_tokens=2)
+
+
+def test_logprobs_false_gives_the_same_tokens_and_no_logprobs(model):
+    """``logprobs=False`` skips only the per-step log-sum-exp: the same tokens, mask and lengths
+    (sampled and greedy), log-probs all 0."""
+    ids = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    mask = np.ones_like(ids)
+    for temperature in (1.0, 0.0):
+        kwargs = dict(key=jax.random.key(3), max_new_tokens=6, temperature=temperature, eos_id=7)
+        full = pm.generate(model, model.params, ids, mask, **kwargs)
+        tokens_only = pm.generate(model, model.params, ids, mask, logprobs=False, **kwargs)
+        for name in ("tokens", "mask", "lengths"):
+            np.testing.assert_array_equal(getattr(tokens_only, name), getattr(full, name))
+        assert np.all(np.asarray(full.logprobs)[np.asarray(full.mask) == 1] < 0)
+        assert not np.any(np.asarray(tokens_only.logprobs))
