@@ -397,6 +397,27 @@ def tree_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
 
 
+def apply_if_finite(
+    ok: jax.Array, state: Any, apply: Callable[[Any], tuple[Any, Any]]
+) -> tuple[Any, jax.Array]:
+    """``(new_state, update_norm)``: ``apply(state) -> (new_state, updates)`` when ``ok``, else
+    ``state`` with only its ``step`` advanced (the batch was consumed) and an update norm of 0.
+
+    The non-finite guard of every train step: a non-finite loss or gradient never reaches the
+    weights or the optimiser state. A ``lax.cond`` rather than a select of the new state against
+    the old, so a good step makes no extra pass over parameters and moments (under ``vmap`` it
+    becomes that select again)."""
+
+    def update(st: Any) -> tuple[Any, jax.Array]:
+        new, updates = apply(st)
+        return new, tree_norm(updates).astype(jnp.float32)
+
+    def skip(st: Any) -> tuple[Any, jax.Array]:
+        return st.replace(step=st.step + 1), jnp.zeros((), jnp.float32)
+
+    return jax.lax.cond(ok, update, skip, state)
+
+
 def make_update(
     objective: Objective,
     *,
@@ -437,19 +458,9 @@ def make_update(
         )
         grad_norm = tree_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def update(state: TrainState) -> tuple[TrainState, jax.Array]:
-            new_state, updates = state.apply_gradients(grads, scale=update_scale)
-            return new_state, tree_norm(updates).astype(jnp.float32)
-
-        def skip(state: TrainState) -> tuple[TrainState, jax.Array]:
-            return state.replace(step=state.step + 1), jnp.zeros((), jnp.float32)
-
-        # A non-finite loss or gradient never reaches the weights: the optimiser runs only on a
-        # finite step, and a bad one keeps the old params and optimiser state (the step counter
-        # still advances: the batch was consumed). A conditional rather than a select of the
-        # new state against the old: no pass over params and moments after the update.
-        new_state, update_norm = jax.lax.cond(ok, update, skip, state)
+        new_state, update_norm = apply_if_finite(
+            ok, state, lambda st: st.apply_gradients(grads, scale=update_scale)
+        )
         metrics = objective.finalize({**stats, "loss": (loss, jnp.ones((), jnp.float32))})
         metrics["grad_norm"] = grad_norm
         metrics["param_norm"] = tree_norm(new_state.params)

@@ -569,15 +569,16 @@ def make_ppo_update(
         )
         grad_norm = common.tree_norm(grads)
         value_grad_norm = common.tree_norm(value_grads)
-        new, updates = st.apply_ppo_gradients(grads, value_grads)
         # A non-finite loss or gradient never reaches the weights (the step still counts).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(value_grad_norm)
-        new = optim.select_tree(ok, new, st.replace(step=new.step))
+        new, update_norm = common.apply_if_finite(
+            ok, st, lambda s: s.apply_ppo_gradients(grads, value_grads)
+        )
         out = {
             "stats": {**stats, "ppo/loss": (loss, jnp.ones((), jnp.float32))},
             "grad_norm": grad_norm,
             "value_grad_norm": value_grad_norm,
-            "update_norm": jnp.where(ok, common.tree_norm(updates), 0.0),
+            "update_norm": update_norm,
             "skipped": (~ok).astype(jnp.float32),
         }
         return new, out
